@@ -1,0 +1,226 @@
+"""The `nincc` command: a thin table of sub-commands over the library.
+
+Every failure on bad input prints one line, ``nincc: error: <message>``, and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, NinccError, WeightsError
+
+
+def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
+    name, _, dims = text.partition("=")
+    try:
+        return name, tuple(int(d) for d in dims.replace("x", ",").split(","))
+    except ValueError:
+        raise InputError(f"--input-shape wants NAME=N,C,H,W, got {text!r}") from None
+
+
+def _graph(args):
+    from . import load_graph
+
+    shapes = dict(_shape_arg(s) for s in getattr(args, "input_shape", None) or [])
+    return load_graph(
+        args.net,
+        phase=args.phase,
+        level=getattr(args, "level", None),
+        stages=getattr(args, "stage", None) or [],
+        input_shapes=shapes,
+    )
+
+
+def cmd_inspect(args) -> int:
+    """Per-layer table (or JSON / DOT) of a net; with --weights, check them against the net."""
+    from . import report
+
+    graph = _graph(args)
+    if args.weights:
+        from .caffemodel import load_params, match_weights
+
+        _, rep = match_weights(load_params(args.weights), graph.param_shapes())
+        print(rep if isinstance(rep, str) else str(rep))
+    text = {"table": report.as_table, "json": report.as_json, "dot": report.as_dot}[args.format]
+    print(text(graph))
+    return 0
+
+
+def cmd_layers(args) -> int:
+    """List the supported layer types, from the table."""
+    from .report import supported_layers
+
+    print(supported_layers())
+    return 0
+
+
+def cmd_upgrade(args) -> int:
+    """Rewrite a legacy (V0/V1, CCCP) net or solver prototxt in the current format."""
+    from . import prototxt, upgrade
+
+    text = Path(args.input).read_text()
+    if args.solver:
+        msg = upgrade.upgrade_solver(prototxt.parse_solver_text(text, args.input))
+    else:
+        msg, notes = upgrade.upgrade_net(prototxt.parse_net_text(text, args.input))
+        msg = upgrade.rewrite_cccp(msg)
+        for n in notes:
+            print(f"nincc: {n}", file=sys.stderr)
+    out = prototxt.to_text(msg)
+    if args.output:
+        _atomic_write_text(args.output, out)
+    else:
+        sys.stdout.write(out)
+    return 0
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _read_inputs(specs: Sequence[str]) -> dict[str, np.ndarray]:
+    inputs = {}
+    for spec in specs:
+        name, eq, path = spec.partition("=")
+        if not eq:
+            raise InputError(f"--input wants BLOB=FILE.npy, got {spec!r}")
+        try:
+            inputs[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read input '{name}' from {path}: {e}") from None
+    return inputs
+
+
+def load_weights_for(net, path: str, verbose: bool = False):
+    """Params of a compiled net from any weights file nincc reads, matched by Caffe's rules."""
+    import jax.numpy as jnp
+
+    from .caffemodel import load_params, match_weights
+
+    params, report = match_weights(load_params(path), net.graph.param_shapes(), verbose=verbose)
+    missing = [n for n in net.graph.param_shapes() if n not in params]
+    if missing:
+        raise WeightsError(f"{path} has no blobs for layer(s) {missing}")
+    if verbose:
+        print(report, file=sys.stderr)
+    return {k: [jnp.asarray(a) for a in v] for k, v in params.items()}
+
+
+def cmd_run(args) -> int:
+    """Forward a net on .npy inputs and save its blobs to an .npz file."""
+    from . import compile as compile_net
+
+    net = compile_net(_graph(args))
+    params = load_weights_for(net, args.weights, args.verbose) if args.weights else net.init(
+        args.seed
+    )
+    import jax
+
+    rng = jax.random.PRNGKey(args.seed) if args.phase == "TRAIN" else None
+    blobs = net.apply(params, _read_inputs(args.input or []), rng=rng, blobs=args.blobs or None)
+    arrays = {k: np.asarray(v) for k, v in blobs.items()}
+    if args.save:
+        tmp = f"{args.save}.tmp{os.getpid()}.npz"
+        try:
+            np.savez(tmp, **arrays)
+            os.replace(tmp, args.save)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    for k, v in arrays.items():
+        print(f"{k:<24} {'x'.join(map(str, v.shape)) or '()':<20} mean {float(v.mean()):.6g}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    """Convert weights between .caffemodel, .caffemodel.h5, .npz and .safetensors."""
+    from .caffemodel import load_params, save_params
+
+    net = None
+    if args.net:
+        from . import load_net_param
+
+        net = load_net_param(args.net)
+    stored = load_params(args.src)
+    save_params(args.dst, stored, net=net)
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def _net_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("net", help="net prototxt (current, V1 or V0 format)")
+    p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"])
+    p.add_argument("--level", type=int, default=None)
+    p.add_argument("--stage", action="append", help="NetState stage (repeatable)")
+    p.add_argument(
+        "--input-shape", action="append", metavar="BLOB=N,C,H,W",
+        help="shape of a source layer's top (e.g. a Data layer whose database is absent)",
+    )
+
+
+COMMANDS: dict[str, tuple[Callable, str]] = {
+    "inspect": (cmd_inspect, "per-layer shapes, params and FLOPs of a net"),
+    "layers": (cmd_layers, "the supported layer types"),
+    "upgrade": (cmd_upgrade, "rewrite a legacy prototxt in the current format"),
+    "run": (cmd_run, "forward a net on .npy inputs"),
+    "convert": (cmd_convert, "convert weights between formats"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="nincc", description="Caffe nets compiled to JAX")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help=COMMANDS["inspect"][1])
+    _net_args(p)
+    p.add_argument("--format", default="table", choices=["table", "json", "dot"])
+    p.add_argument("--weights", help="check a weights file against the net")
+    sub.add_parser("layers", help=COMMANDS["layers"][1])
+    p = sub.add_parser("upgrade", help=COMMANDS["upgrade"][1])
+    p.add_argument("input")
+    p.add_argument("-o", "--output")
+    p.add_argument("--solver", action="store_true", help="the input is a solver prototxt")
+    p = sub.add_parser("run", help=COMMANDS["run"][1])
+    _net_args(p)
+    p.add_argument("--weights", help=".caffemodel, .caffemodel.h5, .npz or .safetensors")
+    p.add_argument("--input", action="append", metavar="BLOB=FILE.npy")
+    p.add_argument("--save", help="write the blobs to this .npz")
+    p.add_argument("--blobs", type=lambda s: s.split(","), help="comma-separated blobs to keep")
+    p.add_argument("--seed", type=int, default=0, help="filler / dropout seed")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("convert", help=COMMANDS["convert"][1])
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--net", help="net prototxt (needed when the output holds layer definitions)")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][0](args)
+    except NinccError as e:
+        print(f"nincc: error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"nincc: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("nincc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

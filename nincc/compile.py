@@ -1,0 +1,204 @@
+"""Graph → pure JAX functions (init, apply, loss), jitted. Knows no layer type by name.
+
+The params pytree is ``{layer name: [blob arrays in Caffe's order and shapes]}``, holding only the
+blobs a layer owns (a blob shared with ``param { name }`` lives with its first owner). Running
+statistics (BatchNorm) are blobs like any other; forward returns their updated values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import layers as table
+from .errors import InputError, NinccError
+from .fillers import fill
+from .ir import Graph
+from .layers.base import LowerCtx
+
+Params = dict[str, list[Any]]
+
+
+def _layer_params(params: Mapping[str, Sequence[Any]], layer) -> list[Any]:
+    """The layer's blobs (shared ones from their owner). Blobs Caffe computes no diff for
+    (running statistics, lr_mult 0: Net::Init turns param_propagate_down off) stop gradients."""
+    out = []
+    for i, spec in enumerate(layer.params):
+        owner, idx = spec.share or (layer.name, i)
+        try:
+            blob = params[owner][idx]
+        except (KeyError, IndexError):
+            raise InputError(
+                f"params have no blob {idx} for layer '{owner}' (expected shape {list(spec.shape)})"
+            ) from None
+        frozen = spec.state or spec.lr_mult == 0
+        out.append(jax.lax.stop_gradient(blob) if frozen else blob)
+    return out
+
+
+def run_graph(
+    graph: Graph,
+    params: Mapping[str, Sequence[Any]],
+    feeds: Mapping[str, Any],
+    rng: Any = None,
+    taps: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], Params]:
+    """Evaluate every layer in order (traceable). Returns (value id → array, updated state).
+
+    ``taps`` adds an array to chosen values right after they are written: its gradient is the
+    gradient with respect to that value, which is how tests read Caffe-style per-blob diffs.
+    """
+    env: dict[str, Any] = {}
+    new_state: Params = {}
+    for index, layer in enumerate(graph.layers):
+        entry = table.REGISTRY[layer.type]
+        bottoms = [env[b] for b in layer.bottoms]
+        bottoms = [
+            x if keep else jax.lax.stop_gradient(x)
+            for x, keep in zip(bottoms, layer.propagate_down)
+        ]
+        key = None if rng is None else jax.random.fold_in(rng, index)
+        ctx = LowerCtx(
+            phase=graph.phase,
+            layer_name=layer.name,
+            key=key,
+            feeds=feeds,
+            top_names=[graph.value(t).blob for t in layer.tops],
+            top_shapes=[graph.value(t).shape for t in layer.tops],
+            bottom_shapes=[graph.value(b).shape for b in layer.bottoms],
+        )
+        with jax.named_scope(layer.name):
+            tops = entry.lower(layer.attrs, _layer_params(params, layer), bottoms, ctx)
+        if len(tops) != len(layer.tops):
+            raise NinccError(
+                f"layer '{layer.name}' ({layer.type}) produced {len(tops)} tops, "
+                f"expected {len(layer.tops)}"
+            )
+        if not entry.backward:
+            tops = [jax.lax.stop_gradient(t) for t in tops]
+        for vid, top in zip(layer.tops, tops):
+            if taps is not None and vid in taps:
+                top = top + taps[vid]
+            env[vid] = top
+        if ctx.state is not None:
+            new_state[layer.name] = list(ctx.state)
+    return env, new_state
+
+
+def total_loss(graph: Graph, env: Mapping[str, Any]) -> Any:
+    """Caffe's net loss: the sum over tops of loss_weight × sum(top)."""
+    loss = jnp.zeros((), jnp.float32)
+    for layer in graph.layers:
+        for vid, w in zip(layer.tops, layer.loss_weights):
+            if w:
+                loss = loss + w * jnp.sum(env[vid])
+    return loss
+
+
+class CompiledNet:
+    """A graph compiled to jitted JAX functions.
+
+    - ``init(seed)``: params from the layers' Caffe fillers (numpy, deterministic per seed).
+    - ``apply(params, inputs, rng=None, blobs=None)``: ``{blob name: array}`` after forward,
+      each blob the last value Caffe would hold under that name (``blobs`` selects a subset).
+    - ``forward(params, inputs, rng=None)``: ``(blobs, state)`` where ``state`` holds the new
+      values of blobs forward updates (BatchNorm statistics), keyed like params.
+    - ``loss(params, inputs, rng=None)``: the scalar net loss (sum of loss_weight × loss tops).
+    """
+
+    def __init__(self, graph: Graph, jit: bool = True):
+        self.graph = graph
+        self.dynamic = any(
+            table.REGISTRY[layer.type].extra.get("data_dependent_shape") for layer in graph.layers
+        )
+        self._jit = jit and not self.dynamic
+        self._blob_ids = graph.blob_values()
+        self._apply = self._maybe_jit(self._forward_impl)
+        self._loss = self._maybe_jit(self._loss_impl)
+
+    def _maybe_jit(self, fn):
+        return jax.jit(fn) if self._jit else fn
+
+    @property
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Blob name → shape of every array the caller feeds."""
+        return {self.graph.value(v).blob: self.graph.value(v).shape for v in self.graph.inputs}
+
+    @property
+    def has_loss(self) -> bool:
+        return any(layer.is_loss for layer in self.graph.layers)
+
+    def init(self, seed: int = 0) -> Params:
+        """Parameters filled as Caffe's fillers define, from one seeded generator, in layer order."""
+        rng = np.random.default_rng(seed)
+        params: Params = {}
+        for layer in self.graph.layers:
+            owned = [
+                jnp.asarray(fill(p.filler, p.shape, rng)) for p in layer.params if p.share is None
+            ]
+            if owned:
+                params[layer.name] = owned
+        return params
+
+    def check_params(self, params: Mapping[str, Sequence[Any]]) -> None:
+        """Raise InputError naming the first blob whose shape does not fit the net."""
+        for name, shapes in self.graph.param_shapes().items():
+            got = params.get(name)
+            if got is None or len(got) != len(shapes):
+                n = "none" if got is None else len(got)
+                raise InputError(f"params for layer '{name}': expected {len(shapes)} blobs, got {n}")
+            for i, (arr, shape) in enumerate(zip(got, shapes)):
+                if tuple(np.shape(arr)) != tuple(shape):
+                    raise InputError(
+                        f"params for layer '{name}' blob {i}: shape {list(np.shape(arr))}, "
+                        f"the net expects {list(shape)}"
+                    )
+
+    def _feeds(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        expected = self.input_shapes
+        unknown = sorted(set(inputs) - set(expected))
+        if unknown:
+            raise InputError(
+                f"unknown input blob(s) {unknown}; the net's inputs are {sorted(expected)}"
+            )
+        feeds = {}
+        for name, arr in inputs.items():
+            if tuple(np.shape(arr)) != tuple(expected[name]):
+                raise InputError(
+                    f"input blob '{name}' has shape {list(np.shape(arr))}, "
+                    f"the net expects {list(expected[name])}"
+                )
+            feeds[name] = jnp.asarray(arr, jnp.float32)
+        return feeds
+
+    def _forward_impl(self, params, feeds, rng):
+        env, state = run_graph(self.graph, params, feeds, rng)
+        return {blob: env[vid] for blob, vid in self._blob_ids.items()}, state
+
+    def _loss_impl(self, params, feeds, rng):
+        env, state = run_graph(self.graph, params, feeds, rng)
+        return total_loss(self.graph, env), state
+
+    def forward(self, params, inputs, rng=None):
+        return self._apply(params, self._feeds(inputs), rng)
+
+    def apply(self, params, inputs, rng=None, blobs: Sequence[str] | None = None):
+        out, _ = self.forward(params, inputs, rng)
+        if blobs is None:
+            return out
+        missing = [b for b in blobs if b not in out]
+        if missing:
+            raise InputError(f"no blob(s) {missing} in the net; blobs are {sorted(out)}")
+        return {b: out[b] for b in blobs}
+
+    def loss(self, params, inputs, rng=None):
+        return self._loss(params, self._feeds(inputs), rng)[0]
+
+
+def compile_graph(graph: Graph, jit: bool = True) -> CompiledNet:
+    """Compile a Graph; the functions are traced on first call for the graph's shapes."""
+    return CompiledNet(graph, jit=jit)

@@ -1,0 +1,1 @@
+"""Layer family: common (entries registered into the table)."""

@@ -1,0 +1,1 @@
+"""Layer family: loss (entries registered into the table)."""

@@ -1,0 +1,1 @@
+"""Layer family: normalization (entries registered into the table)."""

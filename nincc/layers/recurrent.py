@@ -1,0 +1,1 @@
+"""Layer family: recurrent (entries registered into the table)."""

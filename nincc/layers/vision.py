@@ -1,0 +1,1 @@
+"""Layer family: vision (entries registered into the table)."""

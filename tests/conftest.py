@@ -1,0 +1,29 @@
+"""Shared test setup: strict rank promotion, 64-bit off, paths to the shared Caffe fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("NINCC_SHARED", REPO.parent / "shared"))
+FIXTURES = SHARED / "fixtures" / "caffe"
+CORPUS = SHARED / "corpus"
+
+
+def fixture_case(name: str) -> Path:
+    """The directory of one real-Caffe fixture case; skips the test if ../shared is absent."""
+    path = FIXTURES / name
+    if not path.is_dir():
+        pytest.skip(f"fixture {name} not found under {FIXTURES}")
+    return path
+
+
+def manifest(name: str) -> dict:
+    return json.loads((fixture_case(name) / "manifest.json").read_text())

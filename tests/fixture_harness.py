@@ -1,0 +1,129 @@
+"""Run one real-Caffe fixture case through nincc and compare every blob, diff and param diff."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import nincc
+from nincc.compile import run_graph, total_loss
+
+
+def close(name: str, got, ref, rel: float) -> str | None:
+    """None if |got - ref| <= rel * max|ref| elementwise (the fixtures' rule), else a message."""
+    got = np.asarray(got, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if got.shape != ref.shape:
+        return f"{name}: shape {got.shape} != Caffe's {ref.shape}"
+    if ref.size == 0:
+        return None
+    scale = float(np.max(np.abs(ref)))
+    err = float(np.max(np.abs(got - ref)))
+    if err <= rel * scale or (scale == 0 and err == 0):
+        return None
+    return f"{name}: max error {err:.3g} > {rel:g} x scale {scale:.3g}"
+
+
+def param_split(key: str) -> tuple[str, int]:
+    layer, _, idx = key.rpartition("/")
+    return layer, int(idx)
+
+
+def load_params(case: Path) -> dict[str, list[np.ndarray]]:
+    """The case's weights: params.npz where present, else its weights.caffemodel."""
+    npz = case / "params.npz"
+    params: dict[str, list] = {}
+    if npz.exists():
+        with np.load(npz, allow_pickle=False) as d:
+            items = sorted((param_split(k), d[k]) for k in d.files)
+        for (layer, _), arr in items:
+            params.setdefault(layer, []).append(arr)
+        return params
+    from nincc.caffemodel import read_caffemodel
+
+    for stored in read_caffemodel(case / "weights.caffemodel"):
+        if stored.blobs:
+            params[stored.name] = [np.asarray(b) for b in stored.blobs]
+    return params
+
+
+def shaped_like_net(net: nincc.CompiledNet, params: dict) -> dict:
+    """Reshape stored blobs to the net's shapes where only the legacy 4-D layout differs."""
+    out = {}
+    for name, shapes in net.graph.param_shapes().items():
+        out[name] = [
+            jnp.asarray(np.reshape(a, s)) for a, s in zip(params[name], shapes, strict=True)
+        ]
+    return out
+
+
+def run_case(case: Path) -> list[str]:
+    """All mismatches between nincc and Caffe for one case (empty list: it matches)."""
+    m = json.loads((case / "manifest.json").read_text())
+    tol = m["tolerances"]
+    graph = nincc.load_graph(case / "net.prototxt", phase=m["phase"], insert_splits=True)
+    problems = []
+    ours = [(layer.name, layer.type) for layer in graph.layers]
+    theirs = [(layer["name"], layer["type"]) for layer in m["layers"]]
+    if ours != theirs:
+        problems.append(f"layers differ: {ours} vs Caffe's {theirs}")
+        return problems
+    net = nincc.compile(graph)
+    params = shaped_like_net(net, load_params(case))
+    with np.load(case / "inputs.npz", allow_pickle=False) as d:
+        inputs = {k: d[k] for k in d.files}
+    blobs, _ = net.forward(params, inputs)
+    with np.load(case / "forward.npz", allow_pickle=False) as d:
+        for blob in d.files:
+            if blob not in blobs:
+                problems.append(f"blob {blob} missing")
+                continue
+            msg = close(f"forward {blob}", blobs[blob], d[blob], tol["forward_rel"])
+            if msg:
+                problems.append(msg)
+    bw = m.get("backward") or {}
+    if not (case / "backward.npz").exists() or not isinstance(bw, dict):
+        return problems
+    problems += _check_backward(net, params, inputs, case, bw, tol["backward_rel"])
+    return problems
+
+
+def _check_backward(net, params, inputs, case, bw, rel) -> list[str]:
+    graph = net.graph
+    feeds = net._feeds(inputs)
+    last = graph.blob_values()
+    first = graph.first_values()
+    with np.load(case / "backward.npz", allow_pickle=False) as d:
+        ref = {k: d[k] for k in d.files}
+    topdiffs = {k.split("/", 1)[1]: jnp.asarray(v) for k, v in ref.items() if k.startswith("topdiff/")}
+    taps = {v.id: jnp.zeros(v.shape, jnp.float32) for v in graph.values}
+
+    def objective(p, t):
+        env, _ = run_graph(graph, p, feeds, None, taps=t)
+        out = total_loss(graph, env)
+        for blob, g in topdiffs.items():
+            out = out + jnp.sum(env[last[blob]] * g)
+        return out
+
+    gp, gt = jax.jit(jax.grad(objective, argnums=(0, 1)))(params, taps)
+    problems = []
+    for blob in bw.get("diff_written_by_caffe", []):
+        key = f"diff/{blob}"
+        if key in ref:
+            msg = close(key, gt[first[blob]], ref[key], rel)
+            if msg:
+                problems.append(msg)
+    for key, val in ref.items():
+        if not key.startswith("param_diff/"):
+            continue
+        layer, i = param_split(key.split("/", 1)[1])
+        spec = graph.layer(layer).params[i]
+        owner, idx = spec.share or (layer, i)
+        msg = close(key, np.reshape(gp[owner][idx], val.shape), val, rel)
+        if msg:
+            problems.append(msg)
+    return problems
