@@ -1,0 +1,78 @@
+"""Training: one jitted step = iter_size forward/backward passes + one Caffe solver update."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from .compile import CompiledNet, run_graph, total_loss
+from .solver import CaffeState, SolverConfig, caffe_solver, learning_rate, param_multipliers
+
+
+@dataclass
+class StepResult:
+    """What one iteration reports: Caffe's loss (mean over the iter_size passes) and rate."""
+
+    loss: float
+    rate: float
+    losses: list[float]
+
+
+class Trainer:
+    """Runs Caffe's Solver::Step on a compiled TRAIN net.
+
+    ``step(params, opt_state, feeds, rng)`` takes a list of ``iter_size`` feed dicts (one per
+    forward) and returns ``(params, opt_state, StepResult)``. Blobs that forward updates
+    (BatchNorm statistics) are carried from pass to pass, as in Caffe.
+    """
+
+    def __init__(self, net: CompiledNet, cfg: SolverConfig):
+        self.net, self.cfg = net, cfg
+        lr, decay = param_multipliers(net.graph)
+        self.tx = caffe_solver(cfg, lr, decay)
+        self._step = jax.jit(self._step_impl, donate_argnums=(0, 1))
+
+    def init(self, params: Mapping[str, Sequence[Any]]) -> CaffeState:
+        return self.tx.init(params)
+
+    def _step_impl(self, params, opt_state, feeds, keys):
+        graph = self.net.graph
+
+        def loss_fn(p, f, k):
+            env, state = run_graph(graph, p, f, k)
+            return total_loss(graph, env), state
+
+        def one(carry, xs):
+            p, acc = carry
+            f, k = xs
+            (loss, state), g = jax.value_and_grad(loss_fn, has_aux=True)(p, f, k)
+            acc = jax.tree_util.tree_map(jnp.add, acc, g)
+            for name, arrays in state.items():
+                p = {**p, name: list(arrays)}
+            return (p, acc), loss
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        (params, grads), losses = jax.lax.scan(one, (params, zeros), (feeds, keys))
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, losses
+
+    def step(self, params, opt_state: CaffeState, feeds: Sequence[Mapping[str, Any]], rng=None):
+        if len(feeds) != self.cfg.iter_size:
+            raise ValueError(f"step needs {self.cfg.iter_size} feeds (iter_size), got {len(feeds)}")
+        it = int(opt_state.iter)
+        rate = learning_rate(self.cfg, it)
+        opt_state = opt_state._replace(rate=jnp.asarray(rate))
+        stacked = {
+            k: jnp.stack([jnp.asarray(f[k], jnp.float32) for f in feeds]) for k in feeds[0]
+        }
+        base = jax.random.PRNGKey(0) if rng is None else rng
+        keys = jax.random.split(jax.random.fold_in(base, it), len(feeds))
+        params, opt_state, losses = self._step(params, opt_state, stacked, keys)
+        values = [float(x) for x in losses]
+        return params, opt_state, StepResult(sum(values) / len(values), float(rate), values)
