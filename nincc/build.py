@@ -17,6 +17,7 @@ from .ir import Graph, Layer, ParamSpec, Value
 from .layers.base import BlobSpec, Filler, Shape
 
 PHASES = ("TRAIN", "TEST")
+AUTO_TOP = "(automatic)"
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,10 @@ def build_graph(
         if name in names:
             raise GraphError(f"{where}: another layer already has this name")
         names.add(name)
-        nb, nt = len(msg.bottom), len(msg.top)
+        top_names = list(msg.top)
+        if entry.loss and not top_names:
+            top_names = [AUTO_TOP]  # Caffe's AutoTopBlobs: a loss with no top still gets one
+        nb, nt = len(msg.bottom), len(top_names)
         if not _arity_ok(nb, entry.n_bottoms):
             raise GraphError(
                 f"{where} takes {_arity_text(entry.n_bottoms)} bottom(s), got {nb}: {list(msg.bottom)}"
@@ -194,19 +198,20 @@ def build_graph(
         except NinccError as e:
             raise type(e)(f"{where}: {e}") from None
         tops = []
-        for j, t in enumerate(msg.top):
+        for j, t in enumerate(top_names):
             inplace = j < nb and msg.bottom[j] == t
             if t in current and not inplace:
                 raise GraphError(
                     f"{where}: top blob '{t}' is already produced by layer '{producers[t]}' "
                     "(a blob may be rewritten only in place, as top == bottom)"
                 )
-            vid = f"{t}@{name}" if inplace else t
+            vid = f"{t}@{name}" if inplace or t == AUTO_TOP else t
             if any(v.id == vid for v in values):
                 vid = f"{t}@{name}#{j}"
             values.append(Value(vid, t, tshapes[j], name))
             producers.setdefault(t, name)
-            current[t] = vid
+            if t != AUTO_TOP:
+                current[t] = vid
             tops.append(vid)
             if entry.source:
                 inputs.append(vid)
@@ -238,7 +243,9 @@ def build_graph(
             + (f" with stages {list(state.stages)}" if state.stages else "")
         )
     consumed = {b for layer in built for b in layer.bottoms}
-    outputs = tuple(v.id for v in values if v.id not in consumed and current[v.blob] == v.id)
+    outputs = tuple(
+        v.id for v in values if v.id not in consumed and current.get(v.blob, v.id) == v.id
+    )
     graph = Graph(
         name=net.name,
         phase=state.phase,

@@ -9,7 +9,6 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -45,7 +44,7 @@ def cmd_inspect(args) -> int:
     if args.weights:
         from .caffemodel import load_params, match_weights
 
-        _, rep = match_weights(load_params(args.weights), graph.param_shapes())
+        _, rep = match_weights(load_params(args.weights), graph.weight_slots(), verbose=True)
         print(rep if isinstance(rep, str) else str(rep))
     text = {"table": report.as_table, "json": report.as_json, "dot": report.as_dot}[args.format]
     print(text(graph))
@@ -64,12 +63,12 @@ def cmd_upgrade(args) -> int:
     """Rewrite a legacy (V0/V1, CCCP) net or solver prototxt in the current format."""
     from . import prototxt, upgrade
 
-    text = Path(args.input).read_text()
+    text = prototxt.read_text(args.input)
     if args.solver:
-        msg = upgrade.upgrade_solver(prototxt.parse_solver_text(text, args.input))
+        msg = upgrade.upgrade_solver(prototxt.parse_solver_text(text, args.input), path=args.input)
     else:
-        msg, notes = upgrade.upgrade_net(prototxt.parse_net_text(text, args.input))
-        msg = upgrade.rewrite_cccp(msg)
+        net = prototxt.parse_net_text(text, args.input)
+        msg, notes = upgrade.upgrade_net(net, cccp=True, path=args.input)
         for n in notes:
             print(f"nincc: {n}", file=sys.stderr)
     out = prototxt.to_text(msg)
@@ -110,7 +109,7 @@ def load_weights_for(net, path: str, verbose: bool = False):
 
     from .caffemodel import load_params, match_weights
 
-    params, report = match_weights(load_params(path), net.graph.param_shapes(), verbose=verbose)
+    params, report = match_weights(load_params(path), net.graph.weight_slots(), verbose=verbose)
     missing = [n for n in net.graph.param_shapes() if n not in params]
     if missing:
         raise WeightsError(f"{path} has no blobs for layer(s) {missing}")
@@ -220,6 +219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nincc: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: one line for the user, the traceback with NINCC_DEBUG=1
+        if os.environ.get("NINCC_DEBUG"):
+            raise
+        print(f"nincc: internal error: {type(e).__name__}: {e} (NINCC_DEBUG=1 shows where)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import numpy as np
 
 from . import layers as table
 from .errors import InputError, NinccError
-from .fillers import fill
 from .ir import Graph
 from .layers.base import LowerCtx
 
@@ -134,6 +133,8 @@ class CompiledNet:
 
     def init(self, seed: int = 0) -> Params:
         """Parameters filled as Caffe's fillers define, from one seeded generator, in layer order."""
+        from .fillers import fill
+
         rng = np.random.default_rng(seed)
         params: Params = {}
         for layer in self.graph.layers:

@@ -109,6 +109,14 @@ class Graph:
             if any(p.share is None for p in layer.params)
         }
 
+    def weight_slots(self) -> dict[str, list[Shape | None]]:
+        """Every layer → its blob shapes as a weights file holds them (``None``: shared from
+        another layer), the layout Caffe's CopyTrainedLayersFrom matches a file against."""
+        return {
+            layer.name: [None if p.share else p.shape for p in layer.params]
+            for layer in self.layers
+        }
+
     def verify(self) -> None:
         """Check the invariants build guarantees: values defined before use, unique ids."""
         seen: set[str] = set()

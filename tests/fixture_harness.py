@@ -33,22 +33,17 @@ def param_split(key: str) -> tuple[str, int]:
     return layer, int(idx)
 
 
-def load_params(case: Path) -> dict[str, list[np.ndarray]]:
-    """The case's weights: params.npz where present, else its weights.caffemodel."""
-    npz = case / "params.npz"
-    params: dict[str, list] = {}
-    if npz.exists():
-        with np.load(npz, allow_pickle=False) as d:
-            items = sorted((param_split(k), d[k]) for k in d.files)
-        for (layer, _), arr in items:
-            params.setdefault(layer, []).append(arr)
-        return params
-    from nincc.caffemodel import read_caffemodel
+def load_params(case: Path, net: nincc.CompiledNet) -> dict[str, list]:
+    """The case's weights read from the caffemodel Caffe wrote (weights_v1 for the V1 case),
+    fitted to the net by Caffe's copy rules; params.npz only where a case has no caffemodel."""
+    from nincc.caffemodel import load_params as load_weights
+    from nincc.caffemodel import match_weights
 
-    for stored in read_caffemodel(case / "weights.caffemodel"):
-        if stored.blobs:
-            params[stored.name] = [np.asarray(b) for b in stored.blobs]
-    return params
+    for name in ("weights.caffemodel", "weights_v1.caffemodel", "params.npz"):
+        if (case / name).exists():
+            params, _ = match_weights(load_weights(case / name), net.graph.weight_slots())
+            return params
+    raise FileNotFoundError(f"no weights in {case}")
 
 
 def shaped_like_net(net: nincc.CompiledNet, params: dict) -> dict:
@@ -73,7 +68,7 @@ def run_case(case: Path) -> list[str]:
         problems.append(f"layers differ: {ours} vs Caffe's {theirs}")
         return problems
     net = nincc.compile(graph)
-    params = shaped_like_net(net, load_params(case))
+    params = shaped_like_net(net, load_params(case, net))
     with np.load(case / "inputs.npz", allow_pickle=False) as d:
         inputs = {k: d[k] for k in d.files}
     blobs, _ = net.forward(params, inputs)
@@ -99,7 +94,9 @@ def _check_backward(net, params, inputs, case, bw, rel) -> list[str]:
     first = graph.first_values()
     with np.load(case / "backward.npz", allow_pickle=False) as d:
         ref = {k: d[k] for k in d.files}
-    topdiffs = {k.split("/", 1)[1]: jnp.asarray(v) for k, v in ref.items() if k.startswith("topdiff/")}
+    topdiffs = {
+        k.split("/", 1)[1]: jnp.asarray(v) for k, v in ref.items() if k.startswith("topdiff/")
+    }
     taps = {v.id: jnp.zeros(v.shape, jnp.float32) for v in graph.values}
 
     def objective(p, t):

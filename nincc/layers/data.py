@@ -245,7 +245,7 @@ def _data_shape(a: DataAttrs, bottoms):
         raise DataError(
             f"Data source '{a.source}' ({a.backend}) not found (relative paths are read from the "
             "working directory, as in Caffe), so its record shape is unknown; create the database "
-            "or give the input shape explicitly"
+            "or give the shape (CLI: --input-shape data=N,C,H,W)"
         )
     return [data, (a.batch,)][: a.ntops]
 
