@@ -114,6 +114,17 @@ def _param_specs(msg: Any, layer_name: str, specs: list[BlobSpec], owners: dict)
     return out
 
 
+def _source_shapes(entry, attrs, tops: Sequence[str], overrides: Mapping) -> list[Shape]:
+    """A source layer's top shapes with the caller's overrides applied. When the layer cannot
+    tell its own shapes (its database is absent), tops not overridden are labels: (N,)."""
+    try:
+        own = [tuple(int(d) for d in s) for s in entry.shape(attrs, [])]
+    except NinccError:
+        batch = next(overrides[t][0] for t in tops if t in overrides and overrides[t])
+        own = [(batch,)] * len(tops)
+    return [overrides.get(t, s) for t, s in zip(tops, own)]
+
+
 def _count(shape: Sequence[int]) -> int:
     n = 1
     for d in shape:
@@ -171,7 +182,8 @@ def build_graph(
         nb, nt = len(msg.bottom), len(top_names)
         if not _arity_ok(nb, entry.n_bottoms):
             raise GraphError(
-                f"{where} takes {_arity_text(entry.n_bottoms)} bottom(s), got {nb}: {list(msg.bottom)}"
+                f"{where} takes {_arity_text(entry.n_bottoms)} bottom(s), "
+                f"got {nb}: {list(msg.bottom)}"
             )
         if not _arity_ok(nt, entry.n_tops):
             raise GraphError(
@@ -190,13 +202,16 @@ def build_graph(
             bottoms.append(current[b])
         bshapes = [values_by_id(values, v).shape for v in bottoms]
         try:
-            if entry.source and nt and all(t in overrides for t in msg.top):
-                tshapes = [overrides[t] for t in msg.top]
+            if entry.source and any(t in overrides for t in top_names):
+                tshapes = _source_shapes(entry, attrs, top_names, overrides)
             else:
                 tshapes = [tuple(int(d) for d in s) for s in entry.shape(attrs, bshapes)]
             specs = entry.blobs(attrs, bshapes)
         except NinccError as e:
             raise type(e)(f"{where}: {e}") from None
+        if len(tshapes) < nt:
+            raise GraphError(f"{where} makes {len(tshapes)} top(s), got {nt}: {top_names}")
+        tshapes = tshapes[:nt]
         tops = []
         for j, t in enumerate(top_names):
             inplace = j < nb and msg.bottom[j] == t
@@ -244,7 +259,9 @@ def build_graph(
         )
     consumed = {b for layer in built for b in layer.bottoms}
     outputs = tuple(
-        v.id for v in values if v.id not in consumed and current.get(v.blob, v.id) == v.id
+        v.id
+        for v in values
+        if v.id not in consumed and current.get(v.blob) == v.id  # anonymous tops are no outputs
     )
     graph = Graph(
         name=net.name,
@@ -322,10 +339,8 @@ def insert_split_layers(graph: Graph) -> Graph:
         for t in layer.tops
     ]
     consumed = {b for layer in layers for b in layer.bottoms}
-    last = {}
-    for v in values:
-        last[v.blob] = v.id
-    outputs = tuple(v.id for v in values if v.id not in consumed and last[v.blob] == v.id)
+    last = {v.blob: v.id for v in values if v.blob != AUTO_TOP}
+    outputs = tuple(v.id for v in values if v.id not in consumed and last.get(v.blob) == v.id)
     out = Graph(
         name=graph.name,
         phase=graph.phase,

@@ -123,8 +123,8 @@ def cmd_run(args) -> int:
     from . import compile as compile_net
 
     net = compile_net(_graph(args))
-    params = load_weights_for(net, args.weights, args.verbose) if args.weights else net.init(
-        args.seed
+    params = (
+        load_weights_for(net, args.weights, args.verbose) if args.weights else net.init(args.seed)
     )
     import jax
 
@@ -165,7 +165,9 @@ def _net_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--level", type=int, default=None)
     p.add_argument("--stage", action="append", help="NetState stage (repeatable)")
     p.add_argument(
-        "--input-shape", action="append", metavar="BLOB=N,C,H,W",
+        "--input-shape",
+        action="append",
+        metavar="BLOB=N,C,H,W",
         help="shape of a source layer's top (e.g. a Data layer whose database is absent)",
     )
 
@@ -222,8 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug: one line for the user, the traceback with NINCC_DEBUG=1
         if os.environ.get("NINCC_DEBUG"):
             raise
-        print(f"nincc: internal error: {type(e).__name__}: {e} (NINCC_DEBUG=1 shows where)",
-              file=sys.stderr)
+        print(
+            f"nincc: internal error: {type(e).__name__}: {e} (NINCC_DEBUG=1 shows where)",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -23,8 +23,9 @@ Params = dict[str, list[Any]]
 
 
 def _layer_params(params: Mapping[str, Sequence[Any]], layer) -> list[Any]:
-    """The layer's blobs (shared ones from their owner). Blobs Caffe computes no diff for
-    (running statistics, lr_mult 0: Net::Init turns param_propagate_down off) stop gradients."""
+    """The layer's blobs (shared ones from their owner). Running statistics (BatchNorm's) get
+    no diff in Caffe, so they stop gradients; lr_mult 0 blobs still get one (the solver then
+    leaves them unchanged)."""
     out = []
     for i, spec in enumerate(layer.params):
         owner, idx = spec.share or (layer.name, i)
@@ -34,8 +35,7 @@ def _layer_params(params: Mapping[str, Sequence[Any]], layer) -> list[Any]:
             raise InputError(
                 f"params have no blob {idx} for layer '{owner}' (expected shape {list(spec.shape)})"
             ) from None
-        frozen = spec.state or spec.lr_mult == 0
-        out.append(jax.lax.stop_gradient(blob) if frozen else blob)
+        out.append(jax.lax.stop_gradient(blob) if spec.state else blob)
     return out
 
 
@@ -132,7 +132,7 @@ class CompiledNet:
         return any(layer.is_loss for layer in self.graph.layers)
 
     def init(self, seed: int = 0) -> Params:
-        """Parameters filled as Caffe's fillers define, from one seeded generator, in layer order."""
+        """Params filled by Caffe's fillers from one seeded generator, in layer order."""
         from .fillers import fill
 
         rng = np.random.default_rng(seed)
@@ -151,7 +151,9 @@ class CompiledNet:
             got = params.get(name)
             if got is None or len(got) != len(shapes):
                 n = "none" if got is None else len(got)
-                raise InputError(f"params for layer '{name}': expected {len(shapes)} blobs, got {n}")
+                raise InputError(
+                    f"params for layer '{name}': expected {len(shapes)} blobs, got {n}"
+                )
             for i, (arr, shape) in enumerate(zip(got, shapes)):
                 if tuple(np.shape(arr)) != tuple(shape):
                     raise InputError(

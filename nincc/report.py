@@ -90,7 +90,11 @@ def as_table(graph: Graph) -> str:
     sep = "  ".join("-" * w for w in widths)
     out = [f"net {graph.name or '(unnamed)'}, phase {graph.phase}", line(head), sep]
     out += [line(b) for b in body]
-    out += [sep, line(foot), f"parameters: {t['params']:,} ({t['param_bytes'] / 2**20:.1f} MiB float32)"]
+    out += [
+        sep,
+        line(foot),
+        f"parameters: {t['params']:,} ({t['param_bytes'] / 2**20:.1f} MiB float32)",
+    ]
     out += [f"note: {n}" for n in graph.notes]
     return "\n".join(out)
 

@@ -3,7 +3,8 @@
 One iteration, as Caffe's Solver::Step and SGDSolver::ApplyUpdate do it:
 accumulate the gradients of ``iter_size`` forward/backward passes (a sum); clip by the global L2
 norm; divide by ``iter_size``; add weight decay (L2: ``decay * w``, L1: ``decay * sign(w)``, scaled
-by each blob's decay_mult); compute the update with ``local_rate = rate * lr_mult``; ``w -= update``.
+by each blob's decay_mult); compute the update with ``local_rate = rate * lr_mult``;
+``w -= update``.
 
 Caffe's SGD keeps the learning rate *inside* the momentum buffer (``v = m v + rate g``), so after a
 rate change it differs from optax's ``sgd`` (which scales ``m v + g`` by the new rate). Solver
@@ -78,7 +79,9 @@ class SolverConfig:
 
     def validate(self) -> None:
         if self.type not in SOLVER_TYPES:
-            raise SolverError(f"unknown solver type '{self.type}'; supported: {', '.join(SOLVER_TYPES)}")
+            raise SolverError(
+                f"unknown solver type '{self.type}'; supported: {', '.join(SOLVER_TYPES)}"
+            )
         if self.lr_policy not in LR_POLICIES:
             raise SolverError(
                 f"unknown lr_policy '{self.lr_policy}'; supported: {', '.join(LR_POLICIES)}"

@@ -68,9 +68,7 @@ class Trainer:
         it = int(opt_state.iter)
         rate = learning_rate(self.cfg, it)
         opt_state = opt_state._replace(rate=jnp.asarray(rate))
-        stacked = {
-            k: jnp.stack([jnp.asarray(f[k], jnp.float32) for f in feeds]) for k in feeds[0]
-        }
+        stacked = {k: jnp.stack([jnp.asarray(f[k], jnp.float32) for f in feeds]) for k in feeds[0]}
         base = jax.random.PRNGKey(0) if rng is None else rng
         keys = jax.random.split(jax.random.fold_in(base, it), len(feeds))
         params, opt_state, losses = self._step(params, opt_state, stacked, keys)

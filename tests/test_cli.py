@@ -156,7 +156,8 @@ def test_graph_errors_are_one_line(capsys, tmp_path, body, words):
     bad = tmp_path / "bad.prototxt"
     bad.write_text(
         'layer { name: "in" type: "Input" top: "x" top: "z" '
-        "input_param { shape { dim: 1 dim: 2 dim: 4 dim: 4 } shape { dim: 1 dim: 2 dim: 3 dim: 4 } } }\n"
+        "input_param { shape { dim: 1 dim: 2 dim: 4 dim: 4 } "
+        "shape { dim: 1 dim: 2 dim: 3 dim: 4 } } }\n"
         + body
         + "\n"
     )

@@ -14,8 +14,9 @@ build, compile, caffemodel, report and cli never name a layer type: adding a lay
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..errors import ShapeError, UnsupportedLayerError
 
@@ -72,7 +73,7 @@ class LowerCtx:
     - ``phase``: "TRAIN" or "TEST".
     - ``key()``: a fresh PRNG key for this layer (dropout, DummyData's random fillers); raises if
       the caller gave no rng.
-    - ``feeds``: the arrays fed to the net, by Caffe blob name (for source layers: Input, Data, ...).
+    - ``feeds``: the arrays fed to the net by Caffe blob name (for source layers: Input, Data).
     - ``top_names`` / ``top_shapes`` / ``bottom_shapes``: this layer's Caffe blob names and shapes.
     - ``set_state(arrays)``: new values for the layer's blobs that forward updates (BatchNorm).
     - ``layer_name``: for error messages.

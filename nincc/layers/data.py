@@ -254,7 +254,11 @@ def _data_attrs_cropped(msg) -> DataAttrs:
     a = _data_attrs(msg)
     if a.record is not None and msg.transform_param.crop_size:
         a = DataAttrs(
-            a.batch, a.source, a.backend, a.ntops, a.fallback,
+            a.batch,
+            a.source,
+            a.backend,
+            a.ntops,
+            a.fallback,
             _crop_shape(a.record, msg.transform_param.crop_size),
         )
     return a
@@ -376,23 +380,35 @@ register(
 # ---------------------------------------------------------------- HDF5Data
 
 
-def _hdf5_attrs(msg) -> FixedAttrs:
+@dataclass(frozen=True)
+class HDF5Attrs:
+    source: str
+    batch: int
+    tops: tuple[str, ...]
+
+
+def _hdf5_attrs(msg) -> HDF5Attrs:
     p = msg.hdf5_data_param
+    return HDF5Attrs(p.source, p.batch_size, tuple(msg.top))
+
+
+def _hdf5_shape(a: HDF5Attrs, bottoms) -> list[tuple[int, ...]]:
+    """(batch, *row shape) of each dataset, read from the first file the list names."""
     shapes = []
     try:
-        with open(p.source) as f:
+        with open(a.source) as f:
             files = [line.strip() for line in f if line.strip()]
         import h5py
 
         with h5py.File(files[0], "r") as h:
-            for top in msg.top:
-                shapes.append((p.batch_size, *h[top].shape[1:]))
+            for top in a.tops:
+                shapes.append((a.batch, *h[top].shape[1:]))
     except (OSError, IndexError, KeyError, ImportError) as e:
         raise DataError(
-            f"HDF5Data source '{p.source}' cannot be read to find the dataset shapes ({e}); "
+            f"HDF5Data source '{a.source}' cannot be read to find the dataset shapes ({e}); "
             "it lists .h5 files holding one dataset per top"
         ) from None
-    return FixedAttrs(tuple(shapes))
+    return shapes
 
 
 register(
@@ -400,7 +416,7 @@ register(
         name="HDF5Data",
         doc="datasets named after the tops, read from the .h5 files a list file names",
         attrs=_hdf5_attrs,
-        shape=lambda a, b: list(a.shapes),
+        shape=_hdf5_shape,
         lower=_fed,
         n_bottoms=(0, 0),
         n_tops=(1, None),

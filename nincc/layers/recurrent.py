@@ -7,7 +7,9 @@ InnerProduct layers of Caffe's unrolled net. The time loop is one ``lax.scan``.
 
 Caffe never propagates to cont. With expose_hidden the initial states are extra bottoms and the
 final states extra tops, but Caffe shares only their data with the unrolled net: no diff reaches
-those bottoms and diffs given to those tops are ignored; both are reproduced here.
+those bottoms and diffs given to those tops are ignored; both are reproduced here. Without
+expose_hidden Caffe starts each forward from the previous forward's final state (visible only
+where cont[0] is non-zero); here every forward starts from zero, as Caffe's first one does.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ..errors import GraphError, ShapeError
-from .base import BlobSpec, Filler, LayerType, Shape, count, register
+from .base import BlobSpec, Filler, LayerType, Shape, count, no_attrs, register
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,7 @@ def _unit_bwd(res, diffs):
         ],
         axis=1,
     )
-    return c_term * f, d_gates, jnp.zeros(res[2].shape[:1] + (1,), res[2].dtype)
+    return c_term * f, d_gates, jnp.zeros((f.shape[0], 1), f.dtype)  # cont: (N, 1), no diff
 
 
 lstm_unit.defvjp(_unit_forward, _unit_bwd)
@@ -211,7 +213,7 @@ register(
     LayerType(
         name="LSTMUnit",
         doc="one LSTM step: gates i, f, o, g; c = cont * f * c_prev + i * g; h = o * tanh(c)",
-        attrs=lambda m: None,
+        attrs=no_attrs,
         shape=_unit_shape,
         lower=_unit_lower,
         flops=lambda a, b, t: _UNIT_FLOPS * count(t[0]),

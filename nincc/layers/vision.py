@@ -617,7 +617,9 @@ def _ave_pool(x: Any, g: PoolGeom) -> Any:
 
 
 def _stochastic_test(x: Any, g: PoolGeom) -> Any:
-    """Caffe's TEST-phase stochastic pooling: sum(x^2) / sum(x) over the window (0 if sum <= 0)."""
+    """Caffe's TEST-phase stochastic pooling: sum(x^2) / sum(x) over the window (0 if sum <= 0).
+    Its gradient is this formula's derivative (Caffe's Backward would reuse the indices sampled
+    by the last TRAIN forward)."""
     s1 = _window_sum(x, g)
     s2 = _window_sum(x * x, g)
     pos = s1 > 0
