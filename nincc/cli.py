@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from . import inspect_cli
 from .errors import InputError, NinccError, WeightsError
+from .loop import TRAIN_COMMANDS, add_train_parsers
 
 
 def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
@@ -42,10 +44,9 @@ def cmd_inspect(args) -> int:
 
     graph = _graph(args)
     if args.weights:
-        from .caffemodel import load_params, match_weights
+        from .caffemodel import check_weights
 
-        _, rep = match_weights(load_params(args.weights), graph.weight_slots(), verbose=True)
-        print(rep if isinstance(rep, str) else str(rep))
+        print(check_weights(graph, args.weights))
     text = {"table": report.as_table, "json": report.as_json, "dot": report.as_dot}[args.format]
     print(text(graph))
     return 0
@@ -146,17 +147,27 @@ def cmd_run(args) -> int:
 
 def cmd_convert(args) -> int:
     """Convert weights between .caffemodel, .caffemodel.h5, .npz and .safetensors."""
-    from .caffemodel import load_params, save_params
+    import warnings
 
-    net = None
-    if args.net:
-        from . import load_net_param
+    from .caffemodel import convert
 
-        net = load_net_param(args.net)
-    stored = load_params(args.src)
-    save_params(args.dst, stored, net=net)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        report = convert(args.src, args.dst, net=args.net, verbose=args.verbose)
+    for w in caught:
+        print(f"nincc: warning: {w.message}", file=sys.stderr)
+    if args.verbose:
+        for line in report.lines():
+            print(f"nincc: {line}", file=sys.stderr)
     print(f"wrote {args.dst}")
     return 0
+
+
+def cmd_quickstart(args) -> int:
+    """Write the digits LMDBs, train the zoo's nin_digits and score its last snapshot."""
+    from .quickstart import quickstart
+
+    return quickstart(main, data_dir=args.data, max_iter=args.max_iter)
 
 
 def _net_args(p: argparse.ArgumentParser) -> None:
@@ -178,7 +189,13 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "upgrade": (cmd_upgrade, "rewrite a legacy prototxt in the current format"),
     "run": (cmd_run, "forward a net on .npy inputs"),
     "convert": (cmd_convert, "convert weights between formats"),
+    "quickstart": (cmd_quickstart, "train the zoo's digits NIN on data the install brings"),
 }
+
+
+COMMANDS["inspect"] = (inspect_cli.cmd_inspect, COMMANDS["inspect"][1])
+COMMANDS.update(TRAIN_COMMANDS)
+COMMANDS.update(inspect_cli.COMMANDS)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -188,6 +205,7 @@ def parser() -> argparse.ArgumentParser:
     _net_args(p)
     p.add_argument("--format", default="table", choices=["table", "json", "dot"])
     p.add_argument("--weights", help="check a weights file against the net")
+    inspect_cli.add_inspect_args(p)
     sub.add_parser("layers", help=COMMANDS["layers"][1])
     p = sub.add_parser("upgrade", help=COMMANDS["upgrade"][1])
     p.add_argument("input")
@@ -205,6 +223,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--net", help="net prototxt (needed when the output holds layer definitions)")
+    p.add_argument("-v", "--verbose", action="store_true", help="list skipped layers")
+    p = sub.add_parser("quickstart", help=COMMANDS["quickstart"][1])
+    p.add_argument("--data", default="data", help="folder for the databases (default data/)")
+    p.add_argument("--max-iter", type=int, default=None, help="stop training earlier")
+    add_train_parsers(sub)
+    inspect_cli.add_parsers(sub)
     return ap
 
 

@@ -37,6 +37,7 @@ from .ir import Graph
 from .metrics import MetricsWriter, Progress, glog_logger, num, progress_text
 from .snapshot import (
     SolverSnapshot,
+    current_step,
     history_list,
     history_order,
     history_trees,
@@ -46,6 +47,9 @@ from .snapshot import (
 )
 
 LOG = logging.getLogger("nincc.train")
+_QUIET = logging.getLogger("nincc.train.quiet")  # for weight copies Caffe does not report
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
 # Source layers that fill their own tops inside the compiled net when nothing is fed.
 SELF_FILLING = ("DummyData",)
 _NET_FIELDS = ("net", "net_param", "train_net", "train_net_param", "test_net", "test_net_param")
@@ -264,20 +268,21 @@ class Feeder:
         self.sources: list[Any] = []
         if synthetic or not self.fed:
             return
-        from .data import sources_for
+        from .data import Prefetcher, sources_for
 
-        self.sources = _prefetched(sources_for(graph, net_param))
-        tops = [set(getattr(s, "tops", ()) or ()) for s in self.sources]
-        if all(tops):
-            provided = set().union(*tops)
-            missing = [b for b in self.fed if b not in provided]
-            if missing:
-                b = missing[0]
-                raise DataError(
-                    f"{what}: nothing feeds blob '{b}' of layer '{self.fed[b][1]}' (an input "
-                    "without a data source); use data layers (Data, HDF5Data, ImageData, ...) "
-                    "or --synthetic for random inputs"
-                )
+        sources = sources_for(graph, net_param, seed=seed)
+        provided = {t for s in sources for t in s.tops}
+        missing = [b for b in self.fed if b not in provided]
+        if missing:
+            for s in sources:
+                s.close()
+            b = missing[0]
+            raise DataError(
+                f"{what}: nothing feeds blob '{b}' of layer '{self.fed[b][1]}' (an input "
+                "without a data source); use data layers (Data, HDF5Data, ImageData, ...) "
+                "or --synthetic for random inputs"
+            )
+        self.sources = [Prefetcher(s) for s in sources]
 
     def next(self, index: int) -> dict[str, np.ndarray]:
         if self.synthetic:
@@ -294,13 +299,11 @@ class Feeder:
             feeds.update(s.next())
         return feeds
 
-
-def _prefetched(sources: list[Any]) -> list[Any]:
-    """The sources wrapped in the data package's background prefetcher, when it has one."""
-    from . import data
-
-    prefetcher = getattr(data, "Prefetcher", None)
-    return [prefetcher(s) for s in sources] if prefetcher is not None else sources
+    def close(self) -> None:
+        """Stop the prefetch threads and close the data sources."""
+        for s in self.sources:
+            s.close()
+        self.sources = []
 
 
 def _forward_fn(graph: Graph, jit: bool = True) -> Callable:
@@ -439,6 +442,10 @@ class _Stepper:
         return params, opt_state, float(loss / np.float32(len(losses))), float(rate), outputs
 
 
+def _on_device(tree: Mapping[str, Sequence[Any]]) -> dict[str, list]:
+    return {k: [jnp.asarray(a) for a in v] for k, v in tree.items()}
+
+
 @jax.jit
 def _all_finite(tree) -> Any:
     leaves = jax.tree_util.tree_leaves(tree)
@@ -502,6 +509,8 @@ class Solver:
         from .solver import SolverConfig
 
         self.sp, self.solver_path, self.log = sp, solver_path, log
+        train, tests = solver_nets(sp, solver_path)
+        self._train_spec, self._test_specs = train, tests
         self.cfg = SolverConfig.from_proto(sp)
         if seed is None:
             seed = int(sp.random_seed) if sp.random_seed >= 0 else secrets.randbits(31)
@@ -510,9 +519,6 @@ class Solver:
         self.metrics, self.progress = metrics, progress
         self.snapshot_prefix = default_snapshot_prefix(sp, solver_path)
         self.snapshot_hdf5 = sp.snapshot_format == type(sp).HDF5
-
-        train, tests = solver_nets(sp, solver_path)
-        self._train_spec, self._test_specs = train, tests
 
         def build(spec: NetSpec):
             graph = build_graph(
@@ -589,23 +595,11 @@ class Solver:
         self.iter = int(snap.iter)
         self._feed_count = self.iter * self.cfg.iter_size  # synthetic inputs continue in step
         state = self.stepper.init(self.params)
-        as_jnp = lambda tree: {k: [jnp.asarray(a) for a in v] for k, v in tree.items()}  # noqa: E731
         self.opt_state = state._replace(
             iter=jnp.asarray(self.iter, jnp.int32),
-            history=as_jnp(hist),
-            history2=as_jnp(hist2) if hist2 is not None else None,
+            history=_on_device(hist),
+            history2=_on_device(hist2) if hist2 is not None else None,
         )
-
-    def current_step(self) -> int:
-        """Caffe's current_step_ as GetLearningRate leaves it after iteration ``iter - 1``."""
-        if self.iter == 0:
-            return 0
-        last = self.iter - 1
-        if self.cfg.lr_policy == "step":
-            return last // self.cfg.stepsize
-        if self.cfg.lr_policy == "multistep":
-            return sum(1 for s in self.cfg.stepvalue if last >= s)
-        return 0
 
     def check_snapshot_dir(self) -> None:
         """Fail before training if snapshots cannot be written (Caffe's write-permission probe);
@@ -652,7 +646,8 @@ class Solver:
         s = self.opt_state
         history = history_list(s.history, s.history2, order)
         self.log.info("Snapshotting solver state to %s %s", kind, state)
-        write_solverstate(state, SolverSnapshot(self.iter, model, history, self.current_step()))
+        snap = SolverSnapshot(self.iter, model, history, current_step(self.cfg, self.iter))
+        write_solverstate(state, snap)
         self.last_snapshot = state
         return model, state
 
@@ -831,6 +826,11 @@ class Solver:
         self.log.info("Optimization Done.")
         return self.iter
 
+    def close(self) -> None:
+        """Stop the data sources' prefetch threads and close their files."""
+        for feeder in [self.feeder, *self.test_feeders]:
+            feeder.close()
+
     def _final_loss(self) -> float:
         """One more TRAIN forward, as Solve does for its last display line."""
         if self._train_forward is None:
@@ -841,10 +841,6 @@ class Solver:
         _, loss = self._train_forward(self.params, feeds, key)
         return float(loss)
 
-
-_QUIET = logging.getLogger("nincc.train.quiet")
-_QUIET.addHandler(logging.NullHandler())
-_QUIET.propagate = False
 
 
 def _report_outputs(
@@ -909,6 +905,16 @@ def score(
     """``caffe test``: forward ``iterations`` batches, log each batch's outputs, then the mean
     loss and each output's mean. Returns (mean loss, {output: mean})."""
     feeder = Feeder(net.graph, net_param, synthetic, seed, f"the {net.graph.phase} net")
+    try:
+        return _score(net, feeder, params, iterations, seed, log)
+    finally:
+        feeder.close()
+
+
+def _score(
+    net: Any, feeder: Feeder, params: Mapping[str, Sequence[Any]], iterations: int, seed: int,
+    log: logging.Logger,
+) -> tuple[float, dict[str, float]]:
     fn = _forward_fn(net.graph, jit=not net.dynamic)
     outs = output_blobs(net.graph)
     rng = jax.random.PRNGKey(seed)
@@ -1013,11 +1019,18 @@ def time_net(
 # ============================================================================ the commands
 
 
-def _setup_log(quiet_progress: bool = False) -> tuple[logging.Logger, Progress | None]:
-    progress = None if quiet_progress else Progress()
+@contextmanager
+def _command_log(progress_line: bool = False) -> Iterator[tuple[logging.Logger, Progress | None]]:
+    """The glog-style stderr logger of one command (and its progress line on a terminal)."""
+    progress = Progress() if progress_line else None
     if progress is not None and not progress.enabled:
         progress = None
-    return glog_logger(progress=progress), progress
+    log = glog_logger(progress=progress)
+    try:
+        yield log, progress
+    finally:
+        for handler in list(log.handlers):
+            log.removeHandler(handler)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -1027,14 +1040,25 @@ def cmd_train(args: argparse.Namespace) -> int:
             "give a snapshot to resume training or weights to fine-tune, not both (as Caffe)"
         )
     sp, solver_path = resolve_solver(args.target, args.solver)
-    log, progress = _setup_log(args.no_progress)
     metrics = MetricsWriter(args.metrics) if args.metrics else None
     try:
-        solver = Solver(
-            sp, solver_path, synthetic=args.synthetic, seed=args.seed,
-            input_shapes=_input_shapes(args.input_shape), metrics=metrics, progress=progress,
-            log=log,
-        )
+        with _command_log(not args.no_progress) as (log, progress):
+            _train(args, sp, solver_path, log, progress, metrics)
+    finally:
+        if metrics is not None:
+            metrics.close()
+    return 0
+
+
+def _train(
+    args: argparse.Namespace, sp: Any, solver_path: str, log: logging.Logger,
+    progress: Progress | None, metrics: MetricsWriter | None,
+) -> None:
+    solver = Solver(
+        sp, solver_path, synthetic=args.synthetic, seed=args.seed,
+        input_shapes=_input_shapes(args.input_shape), metrics=metrics, progress=progress, log=log,
+    )
+    try:
         if args.seed is None and sp.random_seed < 0:
             log.info("Random seed %d (pass --seed %d to repeat this run)", solver.seed, solver.seed)
         weights = args.weights or (",".join(sp.weights) if not args.snapshot else "")
@@ -1042,32 +1066,34 @@ def cmd_train(args: argparse.Namespace) -> int:
             solver.copy_weights(weights)
         solver.solve(resume=args.snapshot, max_iter=args.max_iter)
     finally:
-        if metrics is not None:
-            metrics.close()
-    return 0
+        solver.close()
 
 
 def cmd_test(args: argparse.Namespace) -> int:
     """Score a net (TEST phase) for --iterations batches, as ``caffe test`` does."""
     if not args.weights and not args.synthetic:
         raise WeightsError("nincc test needs --weights (the model to score)")
-    log, _ = _setup_log(True)
+    from .caffemodel import load_params
+
     net, net_param = _graph_for(args, "TEST")
     params = net.init(args.seed)
-    if args.weights:
-        from .caffemodel import load_params
-
-        for path in [p for p in args.weights.split(",") if p]:
+    with _command_log() as (log, _):
+        for path in [p for p in (args.weights or "").split(",") if p]:
             params = copy_weights(params, net.graph, load_params(path), path, log)
-    score(net, net_param, params, args.iterations, args.synthetic, args.seed, log)
+        score(net, net_param, params, args.iterations, args.synthetic, args.seed, log)
     return 0
 
 
 def cmd_time(args: argparse.Namespace) -> int:
     """Median forward and forward+backward times of a net, and per-layer times."""
-    log, _ = _setup_log(True)
     net, _ = _graph_for(args, "TRAIN")
     params = net.init(args.seed)
+    with _command_log() as (log, _):
+        _report_time(log, net, params, args)
+    return 0
+
+
+def _report_time(log: logging.Logger, net: Any, params: Any, args: argparse.Namespace) -> None:
     log.info("*** Benchmark begins ***")
     log.info("Timing for %d iterations (median; random inputs).", args.iterations)
     t = time_net(net, params, args.iterations, args.seed, per_layer=not args.no_layers)
@@ -1082,7 +1108,6 @@ def cmd_time(args: argparse.Namespace) -> int:
              num(max(0.0, t.forward_backward_ms - t.forward_ms)))
     log.info("Median Forward-Backward: %s ms.", num(t.forward_backward_ms))
     log.info("*** Benchmark ends ***")
-    return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

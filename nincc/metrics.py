@@ -183,16 +183,16 @@ def plot_curves(records: Iterable[Mapping[str, Any]], out: str | os.PathLike) ->
         raise InputError("the metrics file holds no training or test records to plot")
     losses = {k: v for k, v in data.items() if k == "train loss" or "loss" in k.split(" ", 1)[1]}
     others = {k: v for k, v in data.items() if k not in losses}
-    fig, axes = plt.subplots(1, 2 if others else 1, figsize=(12 if others else 6, 4), squeeze=False)
-    for ax, group, title in ((axes[0][0], losses, "loss"), (axes[0][-1], others, "test outputs")):
-        if not group or (ax is axes[0][0] and group is others):
-            continue
+    panels = [(losses, "loss")] + ([(others, "test outputs")] if others else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (group, title) in zip(axes[0], panels, strict=True):
         for name, (xs, ys) in group.items():
             ax.plot(xs, ys, label=name, marker="." if len(xs) < 50 else None)
         ax.set_xlabel("iteration")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        if group:
+            ax.legend()
     fig.tight_layout()
     try:
         fig.savefig(os.fspath(out))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from . import layers as table
@@ -47,12 +48,43 @@ def totals(rows: list[LayerRow]) -> dict[str, int]:
     return {"params": params, "param_bytes": 4 * params, "flops": sum(r.flops for r in rows)}
 
 
-def _human(n: float, unit: str = "") -> str:
-    for suffix in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{suffix}{unit}" if suffix else f"{int(n)}{unit}"
-        n /= 1000
-    return f"{n:.3g}P{unit}"
+def human(n: float, unit: str = "", binary: bool = False) -> str:
+    """``n`` with a metric suffix (K = 1000) or, with ``binary``, an IEC one (Ki = 1024)."""
+    base = 1024 if binary else 1000
+    suffixes = ("", "Ki", "Mi", "Gi", "Ti", "Pi") if binary else ("", "K", "M", "G", "T", "P")
+    for suffix in suffixes[:-1]:
+        if abs(n) < base:  # 1000 to 1023 (binary) print whole, not as 1.02e+03
+            digits = f"{n:.3g}" if abs(n) < 1000 else f"{n:.0f}"
+            return f"{digits}{suffix}{unit}" if suffix else f"{int(n)}{unit}"
+        n /= base
+    return f"{n:.3g}{suffixes[-1]}{unit}"
+
+
+_human = human
+
+
+def format_table(
+    head: Sequence[str],
+    body: Sequence[Sequence[str]],
+    foot: Sequence[str] | None = None,
+    right: Collection[int] = (),
+) -> str:
+    """Fixed-width columns separated by two spaces, the ``right`` ones right-aligned; dashed
+    rules under the head and above the foot."""
+    rows = [head, *body, *([foot] if foot else [])]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            str(c).rjust(w) if i in right else str(c).ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    out = [line(head), sep, *(line(r) for r in body)]
+    if foot:
+        out += [sep, line(foot)]
+    return "\n".join(out)
 
 
 def as_table(graph: Graph) -> str:

@@ -201,6 +201,19 @@ def read_solverstate(path: str | os.PathLike) -> SolverSnapshot:
     return (_read_hdf5 if is_hdf5(path) else _read_binary)(path)
 
 
+def current_step(cfg: Any, iteration: int) -> int:
+    """Caffe's ``current_step_`` once ``iteration`` updates are done: GetLearningRate sets it to
+    ``iter / stepsize`` (step) or counts the stepvalues passed (multistep) on each update."""
+    if iteration <= 0:
+        return 0
+    last = iteration - 1
+    if cfg.lr_policy == "step":
+        return last // cfg.stepsize
+    if cfg.lr_policy == "multistep":
+        return sum(1 for s in cfg.stepvalue if last >= s)
+    return 0
+
+
 def history_order(param_shapes: Mapping[str, Sequence[tuple[int, ...]]]) -> list[tuple[str, int]]:
     """(layer, index) of every learnable blob in Caffe's net order."""
     return [(name, i) for name, shapes in param_shapes.items() for i in range(len(shapes))]

@@ -43,38 +43,6 @@ def _assert_same_params(got, want):
             assert np.array_equal(a, b), name
 
 
-def _caffe_held_definitions(case) -> caffe_pb2.NetParameter:
-    """The layer definitions Caffe's Net holds after Init, rebuilt from the fixture's prototxt and
-    manifest: layers in Caffe's order (Split layers included, bottoms renamed to split tops),
-    `phase` set, and the fields layers fill in at setup (BatchNorm's three lr_mult 0 ParamSpecs,
-    a loss layer's default loss_weight 1). Those edits are Caffe's, not the writer's."""
-    manifest = json.loads((case / "manifest.json").read_text())
-    source = case / "upgraded.prototxt"
-    if not source.exists():
-        source = case / "net.prototxt"
-    net = text_format.Parse(source.read_text(), caffe_pb2.NetParameter())
-    assert not len(net.layers), "legacy text needs the upgrader"
-    defined = {layer.name: layer for layer in net.layer}
-    held = caffe_pb2.NetParameter(name=net.name)
-    for entry in manifest["layers"]:
-        layer = held.layer.add()
-        if entry["name"] in defined:
-            layer.CopyFrom(defined[entry["name"]])
-        else:
-            layer.name, layer.type = entry["name"], entry["type"]
-        del layer.bottom[:], layer.top[:]
-        layer.bottom.extend(entry["bottoms"])
-        layer.top.extend(entry["tops"])
-        if not layer.HasField("phase"):
-            layer.phase = caffe_pb2.Phase.Value(manifest["phase"])
-        if layer.type == "BatchNorm" and not len(layer.param):
-            for _ in range(3):
-                layer.param.add(lr_mult=0)
-        if layer.type.endswith("Loss") and not len(layer.loss_weight):
-            layer.loss_weight.append(1.0)
-    return held
-
-
 def _expected(params) -> dict[str, list[tuple]]:
     return {name: [b.shape for b in blobs] for name, blobs in params.items()}
 
@@ -155,24 +123,8 @@ def test_hdf5_snapshot_matches_trajectory():
 
 
 # ------------------------------------------------------------------------------------------------
-# Writing as Caffe does
+# Writing as Caffe does (the byte-for-byte comparison with Caffe's files is in test_netdef.py)
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("case", WEIGHT_CASES)
-def test_write_reproduces_caffes_file(case, tmp_path):
-    definitions = _caffe_held_definitions(FIXTURES / case)
-    params = _npz_params(FIXTURES / case / "params.npz")
-    out = tmp_path / "w.caffemodel"
-    cm.write_caffemodel(out, definitions, params)
-    ours = caffe_pb2.NetParameter.FromString(out.read_bytes())
-    caffes = caffe_pb2.NetParameter.FromString(
-        (FIXTURES / case / "weights.caffemodel").read_bytes()
-    )
-    assert ours.name == caffes.name
-    for mine, theirs in zip(ours.layer, caffes.layer, strict=True):
-        assert mine == theirs, mine.name
-    assert out.read_bytes() == (FIXTURES / case / "weights.caffemodel").read_bytes()
 
 
 def test_write_h5_like_caffe(tmp_path):
@@ -452,3 +404,386 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
     assert os.listdir(tmp_path) == ["w.caffemodel"]
     message = _one_line_error(cm.save_params, tmp_path / "no" / "dir" / "w.npz", _sample_params())
     assert "cannot write" in message
+
+
+# ------------------------------------------------------------------------------------------------
+# The direct wire-format reader and streaming writer, against protobuf's own parser/serializer
+# ------------------------------------------------------------------------------------------------
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _protobuf_layers(raw: bytes) -> list[tuple[str, list[np.ndarray]]]:
+    """Reference: parse with protobuf and convert each blob with a plain loop (Blob::FromProto)."""
+    net = caffe_pb2.NetParameter.FromString(raw)
+    out = []
+    for layer in list(net.layer) + list(net.layers):
+        arrays = []
+        for blob in layer.blobs:
+            values = list(blob.double_data) if len(blob.double_data) else list(blob.data)
+            if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
+                shape = (blob.num, blob.channels, blob.height, blob.width)
+            else:
+                shape = tuple(blob.shape.dim)
+            arrays.append(np.array(values, dtype=np.float32).reshape(shape))
+        out.append((layer.name, arrays))
+    return out
+
+
+def _odd_encodings() -> bytes:
+    """A NetParameter whose blobs use every encoding protobuf accepts for BlobProto.data."""
+    floats = np.arange(6, dtype="<f4") - 2.5
+    shape = _field(7, _field(1, bytes([2, 3])))  # BlobShape { dim: [2, 3] } (packed int64)
+    unpacked = b"".join(_varint(5 << 3 | 5) + f.tobytes() for f in floats)  # wire type 5
+    split = _field(5, floats[:4].tobytes()) + _field(5, floats[4:].tobytes())  # two chunks
+    doubles = _field(8, floats.astype("<f8").tobytes())  # double_data wins over data
+    with_diff = _field(5, floats.tobytes()) + _field(6, bytes(24)) + shape
+    blobs = [unpacked + shape, split + shape, _field(5, bytes(24)) + doubles + shape, with_diff]
+    layer = _field(1, b"odd") + _field(2, b"InnerProduct")
+    layer += b"".join(_field(7, blob) for blob in blobs)
+    layer += _varint(10 << 3) + _varint(1)  # phase: TEST, after the blobs
+    return _field(1, b"net") + _field(100, layer)
+
+
+def test_reader_accepts_every_encoding(tmp_path):
+    raw = _odd_encodings()
+    path = tmp_path / "odd.caffemodel"
+    path.write_bytes(raw)
+    definitions, layers = cm.read_caffemodel_full(path)
+    reference = _protobuf_layers(raw)
+    assert [(layer.name, len(layer.blobs)) for layer in layers] == [("odd", 4)]
+    for got, want in zip(layers[0].blobs, reference[0][1], strict=True):
+        assert got.dtype == np.float32 and got.shape == (2, 3)
+        assert np.array_equal(got, want)
+    assert definitions.name == "net" and definitions.layer[0].phase == caffe_pb2.TEST
+    assert not len(definitions.layer[0].blobs)
+
+
+def test_reader_returns_arrays_that_own_their_memory(tmp_path):
+    path = tmp_path / "w.caffemodel"
+    cm.write_caffemodel(path, None, {"a": [np.ones((3, 4), np.float32)]})
+    (layer,) = cm.read_caffemodel(path)
+    root = layer.blobs[0]
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    assert root.base is None and root.flags.owndata  # not a view pinning the file's bytes
+    assert layer.blobs[0].flags.writeable
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.999, 3, 1])
+def test_truncated_anywhere_is_one_line_error(tmp_path, cut):
+    raw = (FIXTURES / "conv_group_dilation" / "weights.caffemodel").read_bytes()
+    end = int(len(raw) * cut) if isinstance(cut, float) else len(raw) - cut
+    with pytest.raises(Exception):  # noqa: B017 - the reference: protobuf refuses it too
+        caffe_pb2.NetParameter.FromString(raw[:end])
+    path = tmp_path / "cut.caffemodel"
+    path.write_bytes(raw[:end])
+    assert "truncated or corrupt" in _one_line_error(cm.load_params, path)
+
+
+def test_count_mismatch_in_file(tmp_path):
+    blob = _field(5, np.ones(5, "<f4").tobytes()) + _field(7, _field(1, bytes([2, 3])))
+    path = tmp_path / "w.caffemodel"
+    path.write_bytes(_field(100, _field(1, b"ip") + _field(7, blob)))
+    message = _one_line_error(cm.load_params, path)
+    assert "layer 'ip' blob 0" in message and "(2, 3) needs 6 values" in message
+    assert "holds 5" in message
+    odd = _field(5, bytes(7)) + _field(7, _field(1, bytes([2])))  # 7 bytes: not whole floats
+    path.write_bytes(_field(100, _field(1, b"ip") + _field(7, odd)))
+    assert "corrupt" in _one_line_error(cm.load_params, path)
+
+
+def _rich_definition() -> caffe_pb2.LayerParameter:
+    layer = caffe_pb2.LayerParameter(name="conv", type="Convolution", bottom=["x"], top=["y"])
+    layer.param.add(lr_mult=1)
+    layer.include.add(phase=caffe_pb2.TEST)  # fields numbered above blobs (7)
+    layer.phase = caffe_pb2.TEST
+    layer.convolution_param.num_output = 2
+    layer.convolution_param.kernel_size.append(1)
+    return layer
+
+
+def test_streamed_file_equals_protobuf_serialization(tmp_path):
+    """Reference: the same message built through protobuf's API, then serialized by it."""
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((2, 3, 1, 1)).astype(np.float32)
+    bias = np.array([np.nan, -0.0], np.float32)
+    scalar = np.array(0.5, np.float32)
+    empty = np.zeros((0, 3), np.float32)
+    net = caffe_pb2.NetParameter(name="n", force_backward=True)
+    net.layer.append(_rich_definition())
+    net.layer.add(name="s", type="PReLU")
+    net.layer.add(name="e", type="Parameter")
+    params = {"conv": [weight, bias], "s": [scalar], "e": [empty]}
+    path = tmp_path / "w.caffemodel"
+    cm.write_caffemodel(path, net, params)
+
+    reference = caffe_pb2.NetParameter()
+    reference.CopyFrom(net)
+    for layer, blobs in zip(reference.layer, params.values(), strict=True):
+        for array in blobs:
+            blob = layer.blobs.add()
+            blob.data.extend(array.ravel().tolist())
+            if array.ndim:  # Blob::ToProto touches `shape` only to add dims
+                blob.shape.dim.extend(array.shape)
+    assert path.read_bytes() == reference.SerializeToString()
+
+
+def test_write_size_limit_checked_before_writing(tmp_path, monkeypatch):
+    monkeypatch.setattr(cm, "MAX_PROTO_BYTES", 1000)
+    path = tmp_path / "w.caffemodel"
+    message = _one_line_error(cm.write_caffemodel, path, None, {"a": [np.zeros(300, np.float32)]})
+    assert "2 GiB limit" in message and ".npz" in message
+    assert os.listdir(tmp_path) == []
+
+
+def test_read_and_write_hold_few_copies(tmp_path):
+    """Reading holds the file's bytes and the arrays (two copies) at most; writing streams."""
+    import tracemalloc
+
+    params = {f"l{i}": [np.full((1000, 1000), i, np.float32)] for i in range(10)}  # 40 MB
+    path = tmp_path / "w.caffemodel"
+    tracemalloc.start()
+    try:
+        cm.write_caffemodel(path, None, params)
+        _, write_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        before, _ = tracemalloc.get_traced_memory()
+        loaded = cm.load_params(path)
+        _, read_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = path.stat().st_size
+    assert write_peak < 0.2 * size
+    assert read_peak - before < 2.1 * size
+    assert all(np.array_equal(loaded[k][0], v[0]) for k, v in params.items())
+
+
+# ------------------------------------------------------------------------------------------------
+# compare_weights / check_weights (inspect --weights)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_compare_lists_every_problem_without_raising():
+    stored = [
+        _layer("a", np.ones((2, 3))),
+        _layer("b", np.ones((4,)), np.ones(1)),  # count: the net expects 1 blob
+        _layer("c", np.ones((2, 2)), np.ones(3)),  # blob 0 and blob 1 of the wrong shape
+        _layer("old", np.ones(1)),
+        _layer("ip", np.ones((1, 1, 3, 2)), np.ones((1, 1, 1, 3)), legacy=(True, True)),
+        _layer("nan", [np.nan]),
+    ]
+    expected = {
+        "a": [(2, 3)],
+        "b": [(4,)],
+        "c": [(2, 3), (4,)],
+        "d": [(5,)],
+        "ip": [(3, 2), (3,)],
+        "nan": [(1,)],
+        "relu": [],
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the check itself stays quiet
+        report = cm.compare_weights(stored, expected)
+    assert report.loaded == ["a", "ip", "nan"]
+    assert report.missing == ["d"]  # b and c are mismatched, not missing
+    assert report.skipped == ["old"]
+    assert report.nonfinite == ["nan/0"]
+    assert len(report.reshaped) == 2
+    assert report.mismatched == [
+        "layer 'b': the weights file holds 2 blob(s), the net expects 1",
+        "layer 'c' blob 0: the weights file has shape (2, 2), the net expects (2, 3)",
+        "layer 'c' blob 1: the weights file has shape (3,), the net expects (4,)",
+    ]
+
+
+def test_check_weights_text(tmp_path):
+    path = tmp_path / "w.npz"
+    cm.save_params(path, {"a": [np.ones((2, 3))], "x": [np.ones(2)], "c": [np.ones(4)]})
+    text = cm.check_weights({"a": [(2, 3)], "b": [(1,)], "c": [(5,)], "r": []}, path)
+    lines = text.splitlines()
+    assert lines[0].startswith(f"weights {path} (npz, 3 layer(s)")
+    assert "1 of 3 net layer(s) with weights, 1 blob(s)" in lines[1]
+    assert any(
+        line.split() == ["missing", "b", "(keep", "their", "initial", "values)"] for line in lines
+    )
+    assert any("extra" in line and "x" in line for line in lines)
+    assert any("mismatched  layer 'c' blob 0" in line for line in lines)
+    assert "Caffe would refuse" in lines[-1]
+    good = cm.check_weights({"a": [(2, 3)], "x": [(2,)], "c": [(4,)]}, path)
+    assert good.splitlines()[-1].endswith("every blob of the net fits")
+    other = cm.check_weights({"z": [(1,)]}, path)
+    assert "another net" in other.splitlines()[-1]
+
+
+def test_check_weights_takes_a_graph():
+    import nincc
+
+    graph = nincc.load_graph(FIXTURES / "nin_cifar10_deploy" / "net.prototxt")
+    text = cm.check_weights(graph, FIXTURES / "v1_nin_cifar10" / "weights_v1.caffemodel")
+    assert "matched     9 of 9 net layer(s) with weights, 18 blob(s)" in text
+    assert "conv1/1: (1, 1, 1, 192) -> (192,)" in text
+    assert text.splitlines()[-1].endswith("every blob of the net fits")
+
+
+def test_check_weights_still_raises_on_unreadable_files(tmp_path):
+    raw = (FIXTURES / "nin_cifar10_deploy" / "weights.caffemodel").read_bytes()
+    path = tmp_path / "cut.caffemodel"
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(WeightsError, match="truncated"):
+        cm.check_weights({"conv1": [(192, 3, 5, 5), (192,)]}, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# convert
+# ------------------------------------------------------------------------------------------------
+
+EXTS = [".caffemodel", ".caffemodel.h5", ".npz", ".safetensors"]
+
+
+def test_convert_v1_without_net_is_caffes_binary_upgrade(tmp_path):
+    """No net: the file's own definitions, upgraded as upgrade_net_proto_binary does."""
+    out = tmp_path / "up.caffemodel"
+    cm.convert(FIXTURES / "v1_nin_cifar10" / "weights_v1.caffemodel", out)
+    assert out.read_bytes() == (FIXTURES / "v1_nin_cifar10" / "upgraded.caffemodel").read_bytes()
+
+
+def test_convert_v1_with_net_is_what_caffe_saves(tmp_path):
+    """With the deploy net: legacy blobs take the net's shapes and the definitions are the
+    net's, exactly the file Caffe wrote for that net (same weights)."""
+    out = tmp_path / "deploy.caffemodel"
+    report = cm.convert(
+        FIXTURES / "v1_nin_cifar10" / "weights_v1.caffemodel",
+        out,
+        net=FIXTURES / "nin_cifar10_deploy" / "net.prototxt",
+    )
+    assert out.read_bytes() == (FIXTURES / "nin_cifar10_deploy" / "weights.caffemodel").read_bytes()
+    assert len(report.reshaped) == 9 and report.missing == []
+
+
+@pytest.mark.parametrize("dst_ext", EXTS)
+@pytest.mark.parametrize("src_ext", EXTS)
+def test_convert_any_direction(tmp_path, src_ext, dst_ext):
+    """neurons (0-axis PReLU slope, layers without blobs): Caffe's file -> src -> dst, then
+    read back and fitted to the net: Caffe's params exactly; a .caffemodel is Caffe's bytes."""
+    pytest.importorskip("h5py")
+    pytest.importorskip("safetensors")
+    case = FIXTURES / "neurons"
+    net = case / "net.prototxt"
+    src = tmp_path / f"src{src_ext}"
+    dst = tmp_path / f"dst{dst_ext}"
+    cm.convert(case / "weights.caffemodel", src, net=net)
+    cm.convert(src, dst, net=net)
+    if dst_ext == ".caffemodel":
+        assert dst.read_bytes() == (case / "weights.caffemodel").read_bytes()
+    import nincc
+
+    slots = nincc.load_graph(net).weight_slots()
+    fitted, report = cm.match_weights(cm.load_params(dst), slots)
+    _assert_same_params(fitted, _npz_params(case / "params.npz"))
+    assert report.missing == []
+    if src_ext != ".caffemodel" and dst_ext != ".caffemodel":  # and without the net
+        plain = tmp_path / f"plain{dst_ext}"
+        cm.convert(src, plain)
+        _assert_same_params(dict(cm.load_params(plain)), _npz_params(case / "params.npz"))
+    leftovers = [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_convert_to_caffemodel_needs_a_net(tmp_path):
+    src = tmp_path / "w.npz"
+    cm.save_params(src, {"a": [np.ones(2, np.float32)]})
+    message = _one_line_error(cm.convert, src, tmp_path / "w.caffemodel")
+    assert "--net" in message and "w.npz" in message
+    assert sorted(os.listdir(tmp_path)) == ["w.npz"]
+
+
+def test_convert_for_another_net(tmp_path):
+    message = _one_line_error(
+        cm.convert,
+        FIXTURES / "split_implicit" / "weights.caffemodel",
+        tmp_path / "w.npz",
+        FIXTURES / "nin_cifar10_deploy" / "net.prototxt",
+    )
+    assert "another net" in message or "conv1" in message
+    assert os.listdir(tmp_path) == []
+
+
+def test_convert_with_net_refuses_missing_layers(tmp_path):
+    src = tmp_path / "part.npz"
+    full = _npz_params(FIXTURES / "nin_cifar10_deploy" / "params.npz")
+    cm.save_params(src, {k: v for k, v in full.items() if k != "cccp6"})
+    message = _one_line_error(
+        cm.convert, src, tmp_path / "w.npz", FIXTURES / "nin_cifar10_deploy" / "net.prototxt"
+    )
+    assert "cccp6" in message and "incomplete" in message
+    assert os.listdir(tmp_path) == ["part.npz"]
+
+
+def test_convert_verbose_lists_skipped_layers(tmp_path, capsys):
+    src = tmp_path / "w.npz"
+    params = _npz_params(FIXTURES / "nin_cifar10_deploy" / "params.npz")
+    params["old_fc"] = [np.ones((3, 2), np.float32)]
+    cm.save_params(src, params)
+    report = cm.convert(
+        src, tmp_path / "o.npz", FIXTURES / "nin_cifar10_deploy" / "net.prototxt", verbose=True
+    )
+    assert report.skipped == ["old_fc"]
+    assert "ignoring file layer 'old_fc'" in capsys.readouterr().err
+    assert "old_fc/0" not in np.load(tmp_path / "o.npz").files
+
+
+def test_convert_warns_on_nonfinite(tmp_path):
+    src = tmp_path / "w.npz"
+    cm.save_params(src, {"ip": [np.array([1.0, np.inf], np.float32)]})
+    with pytest.warns(RuntimeWarning, match=r"layer 'ip' blob 0"):
+        report = cm.convert(src, tmp_path / "w.safetensors")
+    assert report.nonfinite == ["ip/0"]
+
+
+_SHARED_NET = """name: "s"
+layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 2 dim: 5 dim: 5 } } }
+layer { name: "a" type: "Convolution" bottom: "x" top: "a"
+        param { name: "w" } convolution_param { num_output: 3 kernel_size: 3 } }
+layer { name: "b" type: "Convolution" bottom: "x" top: "b"
+        param { name: "w" } convolution_param { num_output: 3 kernel_size: 3 } }
+"""
+
+
+def test_convert_shared_params(tmp_path):
+    """Caffe writes a shared blob under both layers in a .caffemodel, only under its owner in
+    HDF5 (Net::ToHDF5); converting back needs the net to fill the copy in."""
+    h5py = pytest.importorskip("h5py")
+    net = tmp_path / "net.prototxt"
+    net.write_text(_SHARED_NET)
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    bias_a, bias_b = np.ones(3, np.float32), np.full(3, 2.0, np.float32)
+    src = tmp_path / "w.npz"
+    cm.save_params(src, {"a": [w, bias_a], "b": [w, bias_b]})
+    cm.convert(src, tmp_path / "w.caffemodel.h5", net=net)
+    with h5py.File(tmp_path / "w.caffemodel.h5", "r") as handle:
+        assert sorted(handle["data/a"]) == ["0", "1"] and sorted(handle["data/b"]) == ["1"]
+        assert sorted(handle["data"]) == ["a", "b", "in", "x_in_0_split"]  # every layer
+    message = _one_line_error(cm.convert, tmp_path / "w.caffemodel.h5", tmp_path / "x.npz")
+    assert "layer 'b' lacks blob 0" in message
+    cm.convert(tmp_path / "w.caffemodel.h5", tmp_path / "x.caffemodel", net=net)
+    stored = cm.load_params(tmp_path / "x.caffemodel")
+    assert np.array_equal(stored["b"][0], w) and np.array_equal(stored["b"][1], bias_b)
+
+
+def test_convert_unknown_extension_before_reading(tmp_path):
+    assert "unknown weights file extension" in _one_line_error(
+        cm.convert, tmp_path / "missing.caffemodel", tmp_path / "out.pt"
+    )

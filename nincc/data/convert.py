@@ -21,8 +21,17 @@ from .db import Writer, iter_records, write_file_atomic
 from .images import decode_image, resize_linear
 from .records import blob_proto_bytes, make_datum, make_encoded_datum, parse_datum
 
-_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "bmp": "BMP", "tif": "TIFF",
-            "tiff": "TIFF", "ppm": "PPM", "pgm": "PPM", "webp": "WEBP"}
+_FORMATS = {
+    "jpg": "JPEG",
+    "jpeg": "JPEG",
+    "png": "PNG",
+    "bmp": "BMP",
+    "tif": "TIFF",
+    "tiff": "TIFF",
+    "ppm": "PPM",
+    "pgm": "PPM",
+    "webp": "WEBP",
+}
 
 
 def _encode(img: np.ndarray, ext: str, where: str) -> bytes:

@@ -60,15 +60,22 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes pickled by Python 3 at protocol 2
     }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
         if name == "_reconstruct":
-            from numpy._core.multiarray import _reconstruct
-
+            try:
+                from numpy._core.multiarray import _reconstruct
+            except ImportError:  # NumPy 1.x
+                from numpy.core.multiarray import _reconstruct
             return _reconstruct
+        if module == "_codecs":
+            import codecs
+
+            return codecs.encode
         return getattr(np, name)
 
 

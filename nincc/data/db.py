@@ -149,8 +149,12 @@ def _shared_lmdb_env(path: str, where: str):
             lmdb = _lmdb()
             try:
                 env = lmdb.open(
-                    path, readonly=True, lock=False, readahead=False,
-                    subdir=os.path.isdir(path), max_readers=126,
+                    path,
+                    readonly=True,
+                    lock=False,
+                    readahead=False,
+                    subdir=os.path.isdir(path),
+                    max_readers=126,
                 )
             except lmdb.Error as e:
                 raise DataError(f"{where}: cannot open LMDB database '{path}': {e}") from None

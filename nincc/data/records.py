@@ -59,8 +59,7 @@ def parse_datum(value: bytes, where: str, decode: str = "native") -> Record:
     else:
         if len(d.float_data) != n:
             raise DataError(
-                f"{where}: Datum holds {len(d.float_data)} float_data values, {c}x{h}x{w} "
-                f"needs {n}"
+                f"{where}: Datum holds {len(d.float_data)} float_data values, {c}x{h}x{w} needs {n}"
             )
         arr = np.asarray(d.float_data, np.float32).reshape(c, h, w)
     return Record(arr, int(d.label))
