@@ -250,6 +250,7 @@ def build_graph(
                 loss_weights=tuple(float(w) for w in weights),
                 propagate_down=tuple(bool(p) for p in prop) or (True,) * nb,
                 written_type=msg.type,
+                explicit_loss=len(msg.loss_weight) > 0,
             )
         )
     if not built:
@@ -292,7 +293,7 @@ def insert_split_layers(graph: Graph) -> Graph:
             uses[b] = uses.get(b, 0) + 1
     for layer in graph.layers:
         for t, w in zip(layer.tops, layer.loss_weights):
-            if w and t in uses:
+            if w and layer.explicit_loss and t in uses:  # Caffe counts written weights only
                 uses[t] += 1
     split_entry = table.lookup("Split")
     layers: list[Layer] = []
@@ -315,7 +316,7 @@ def insert_split_layers(graph: Graph) -> Graph:
             for top in tops:
                 split_values[top] = Value(top, top, v.shape, sname)
             split_w = [0.0] * n
-            if weights[j]:
+            if weights[j] and layer.explicit_loss:
                 split_w[0], weights[j] = weights[j], 0.0
             splits.append(
                 Layer(

@@ -55,6 +55,7 @@ class Layer:
     loss_weights: tuple[float, ...] = ()
     propagate_down: tuple[bool, ...] = ()
     written_type: str = ""
+    explicit_loss: bool = False  # loss_weight written in the prototxt (Caffe's split rule)
 
     @property
     def is_loss(self) -> bool:
