@@ -31,6 +31,7 @@ from google.protobuf.message import DecodeError
 
 from . import caffe_pb2
 from .errors import WeightsError
+from .upgrade import V1_TYPES
 
 __all__ = [
     "StoredLayer",
@@ -70,49 +71,6 @@ _EXTENSIONS = {
     ".safetensors": "safetensors",
 }
 
-# Caffe's names for the V1 LayerType enum values (what its upgrade writes as `type`).
-_V1_TYPES = {
-    "NONE": "",
-    "ABSVAL": "AbsVal",
-    "ACCURACY": "Accuracy",
-    "ARGMAX": "ArgMax",
-    "BNLL": "BNLL",
-    "CONCAT": "Concat",
-    "CONTRASTIVE_LOSS": "ContrastiveLoss",
-    "CONVOLUTION": "Convolution",
-    "DATA": "Data",
-    "DECONVOLUTION": "Deconvolution",
-    "DROPOUT": "Dropout",
-    "DUMMY_DATA": "DummyData",
-    "EUCLIDEAN_LOSS": "EuclideanLoss",
-    "ELTWISE": "Eltwise",
-    "EXP": "Exp",
-    "FLATTEN": "Flatten",
-    "HDF5_DATA": "HDF5Data",
-    "HDF5_OUTPUT": "HDF5Output",
-    "HINGE_LOSS": "HingeLoss",
-    "IM2COL": "Im2col",
-    "IMAGE_DATA": "ImageData",
-    "INFOGAIN_LOSS": "InfogainLoss",
-    "INNER_PRODUCT": "InnerProduct",
-    "LRN": "LRN",
-    "MEMORY_DATA": "MemoryData",
-    "MULTINOMIAL_LOGISTIC_LOSS": "MultinomialLogisticLoss",
-    "MVN": "MVN",
-    "POOLING": "Pooling",
-    "POWER": "Power",
-    "RELU": "ReLU",
-    "SIGMOID": "Sigmoid",
-    "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss",
-    "SILENCE": "Silence",
-    "SOFTMAX": "Softmax",
-    "SOFTMAX_LOSS": "SoftmaxWithLoss",
-    "SPLIT": "Split",
-    "SLICE": "Slice",
-    "TANH": "TanH",
-    "WINDOW_DATA": "WindowData",
-    "THRESHOLD": "Threshold",
-}
 
 # Caffe's names for the V0 layer type strings.
 _V0_TYPES = {
@@ -479,7 +437,7 @@ def _read_layer(buf: bytes, start: int, end: int, v1: bool, src: str) -> tuple[A
         return full, _stored(name, _V0_TYPES.get(v0.type, v0.type), stored)
     if v1:
         name = msg.name
-        type_ = _V1_TYPES.get(caffe_pb2.V1LayerParameter.LayerType.Name(msg.type), "")
+        type_ = V1_TYPES.get(caffe_pb2.V1LayerParameter.LayerType.Name(msg.type), "")
     else:
         name, type_ = msg.name, msg.type
     stored = [
