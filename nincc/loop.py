@@ -393,7 +393,7 @@ class _Stepper:
 
     def __init__(self, net: Any, cfg: Any):
         from .compile import run_graph, total_loss
-        from .train import Trainer
+        from .train import Trainer, unrolled_scan
 
         self.trainer = Trainer(net, cfg)
         self.cfg = cfg
@@ -416,7 +416,7 @@ class _Stepper:
                 return (p, acc), (loss, o)
 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-            (params, grads), (losses, o) = jax.lax.scan(one, (params, zeros), (feeds, keys))
+            (params, grads), (losses, o) = unrolled_scan(one, (params, zeros), (feeds, keys))
             updates, opt_state = self.trainer.tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             last = jax.tree_util.tree_map(lambda x: x[-1], o)
