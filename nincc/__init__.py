@@ -32,6 +32,9 @@ from .errors import (
     WeightsError,
 )
 from .ir import Graph, Layer, ParamSpec, Value
+from .xla_flags import apply as _apply_xla_flags
+
+_apply_xla_flags()  # before any JAX computation: XLA reads its flags once (nincc/xla_flags.py)
 
 __version__ = "0.1.0"
 
@@ -66,9 +69,10 @@ def load_graph(
     )
 
 
-def compile(graph: Graph, jit: bool = True) -> CompiledNet:  # noqa: A001 - the API's verb
-    """Compile a Graph to jitted JAX functions (see CompiledNet)."""
-    return compile_graph(graph, jit=jit)
+def compile(graph: Graph, jit: bool = True, fast: bool | Sequence[str] = True) -> CompiledNet:  # noqa: A001
+    """Compile a Graph to jitted JAX functions (see CompiledNet); ``fast=False`` keeps the
+    layer table's reference lowerings only."""
+    return compile_graph(graph, jit=jit, fast=fast)
 
 
 def load(source: Any, phase: str = "TEST", **kwargs: Any) -> CompiledNet:

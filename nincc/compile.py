@@ -7,7 +7,7 @@ statistics (BatchNorm) are blobs like any other; forward returns their updated v
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -16,10 +16,12 @@ import numpy as np
 
 from . import layers as table
 from .errors import InputError, NinccError
+from .fast import lowering_for
 from .ir import Graph
 from .layers.base import LowerCtx
 
 Params = dict[str, list[Any]]
+Fast = bool | Collection[str]
 
 
 def _layer_params(params: Mapping[str, Sequence[Any]], layer) -> list[Any]:
@@ -39,17 +41,43 @@ def _layer_params(params: Mapping[str, Sequence[Any]], layer) -> list[Any]:
     return out
 
 
+def choose_lowering(layer, bottom_shapes: Sequence[Sequence[int]], fast: Fast = True):
+    """``(lower, kind)`` for one layer: nincc.fast's lowering where ``fast`` selects the layer's
+    type and it applies to these shapes (kind "fast"), else the layer table's ("table")."""
+    if fast is True or (fast and layer.type in fast):
+        lower = lowering_for(layer.type, layer.attrs, bottom_shapes)
+        if lower is not None:
+            return lower, "fast"
+    return table.REGISTRY[layer.type].lower, "table"
+
+
+def layer_ctx(graph: Graph, layer, key: Any, feeds: Mapping[str, Any]) -> LowerCtx:
+    """The LowerCtx run_graph gives ``layer``."""
+    return LowerCtx(
+        phase=graph.phase,
+        layer_name=layer.name,
+        key=key,
+        feeds=feeds,
+        top_names=[graph.value(t).blob for t in layer.tops],
+        top_shapes=[graph.value(t).shape for t in layer.tops],
+        bottom_shapes=[graph.value(b).shape for b in layer.bottoms],
+    )
+
+
 def run_graph(
     graph: Graph,
     params: Mapping[str, Sequence[Any]],
     feeds: Mapping[str, Any],
     rng: Any = None,
     taps: Mapping[str, Any] | None = None,
+    fast: Fast = True,
 ) -> tuple[dict[str, Any], Params]:
     """Evaluate every layer in order (traceable). Returns (value id → array, updated state).
 
     ``taps`` adds an array to chosen values right after they are written: its gradient is the
     gradient with respect to that value, which is how tests read Caffe-style per-blob diffs.
+    ``fast`` picks nincc.fast's lowerings where they apply (True), the layer table's only
+    (False), or the fast lowerings of the named layer types only.
     """
     env: dict[str, Any] = {}
     new_state: Params = {}
@@ -61,17 +89,10 @@ def run_graph(
             for x, keep in zip(bottoms, layer.propagate_down)
         ]
         key = None if rng is None else jax.random.fold_in(rng, index)
-        ctx = LowerCtx(
-            phase=graph.phase,
-            layer_name=layer.name,
-            key=key,
-            feeds=feeds,
-            top_names=[graph.value(t).blob for t in layer.tops],
-            top_shapes=[graph.value(t).shape for t in layer.tops],
-            bottom_shapes=[graph.value(b).shape for b in layer.bottoms],
-        )
+        ctx = layer_ctx(graph, layer, key, feeds)
+        lower, _ = choose_lowering(layer, ctx.bottom_shapes, fast)
         with jax.named_scope(layer.name):
-            tops = entry.lower(layer.attrs, _layer_params(params, layer), bottoms, ctx)
+            tops = lower(layer.attrs, _layer_params(params, layer), bottoms, ctx)
         if len(tops) != len(layer.tops):
             raise NinccError(
                 f"layer '{layer.name}' ({layer.type}) produced {len(tops)} tops, "
@@ -103,29 +124,57 @@ class CompiledNet:
 
     - ``init(seed)``: params from the layers' Caffe fillers (numpy, deterministic per seed).
     - ``apply(params, inputs, rng=None, blobs=None)``: ``{blob name: array}`` after forward,
-      each blob the last value Caffe would hold under that name (``blobs`` selects a subset).
+      each blob the last value Caffe would hold under that name. ``blobs`` selects a subset,
+      and only that subset is computed and kept: one jitted function per selection.
+    - ``outputs(params, inputs, rng=None)``: the net outputs only (tops no layer consumes),
+      the cheapest forward: XLA frees every intermediate as soon as it is used.
     - ``forward(params, inputs, rng=None)``: ``(blobs, state)`` where ``state`` holds the new
       values of blobs forward updates (BatchNorm statistics), keyed like params.
     - ``loss(params, inputs, rng=None)``: the scalar net loss (sum of loss_weight × loss tops).
+
+    ``fast`` chooses the lowerings (see :func:`run_graph`); the default takes nincc.fast's.
     """
 
-    def __init__(self, graph: Graph, jit: bool = True):
+    def __init__(self, graph: Graph, jit: bool = True, fast: Fast = True):
         self.graph = graph
+        self.fast = fast
         self.dynamic = any(
             table.REGISTRY[layer.type].extra.get("data_dependent_shape") for layer in graph.layers
         )
         self._jit = jit and not self.dynamic
         self._blob_ids = graph.blob_values()
-        self._apply = self._maybe_jit(self._forward_impl)
+        self._selected: dict[tuple[str, ...], Any] = {}
+        self._apply = self._select(tuple(self._blob_ids))
         self._loss = self._maybe_jit(self._loss_impl)
 
     def _maybe_jit(self, fn):
         return jax.jit(fn) if self._jit else fn
 
+    def _run(self, params, feeds, rng):
+        return run_graph(self.graph, params, feeds, rng, fast=self.fast)
+
+    def _select(self, blobs: tuple[str, ...]):
+        """The (cached) function computing just ``blobs`` and the updated state."""
+        fn = self._selected.get(blobs)
+        if fn is None:
+            ids = [self._blob_ids[b] for b in blobs]
+
+            def forward(params, feeds, rng):
+                env, state = self._run(params, feeds, rng)
+                return {b: env[v] for b, v in zip(blobs, ids)}, state
+
+            fn = self._selected[blobs] = self._maybe_jit(forward)
+        return fn
+
     @property
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         """Blob name → shape of every array the caller feeds."""
         return {self.graph.value(v).blob: self.graph.value(v).shape for v in self.graph.inputs}
+
+    @property
+    def output_names(self) -> list[str]:
+        """The net outputs' blob names (tops no layer consumes), in graph order."""
+        return [self.graph.value(v).blob for v in self.graph.outputs]
 
     @property
     def has_loss(self) -> bool:
@@ -178,30 +227,30 @@ class CompiledNet:
             feeds[name] = jnp.asarray(arr, jnp.float32)
         return feeds
 
-    def _forward_impl(self, params, feeds, rng):
-        env, state = run_graph(self.graph, params, feeds, rng)
-        return {blob: env[vid] for blob, vid in self._blob_ids.items()}, state
-
     def _loss_impl(self, params, feeds, rng):
-        env, state = run_graph(self.graph, params, feeds, rng)
+        env, state = self._run(params, feeds, rng)
         return total_loss(self.graph, env), state
 
     def forward(self, params, inputs, rng=None):
         return self._apply(params, self._feeds(inputs), rng)
 
     def apply(self, params, inputs, rng=None, blobs: Sequence[str] | None = None):
-        out, _ = self.forward(params, inputs, rng)
         if blobs is None:
-            return out
-        missing = [b for b in blobs if b not in out]
+            return self.forward(params, inputs, rng)[0]
+        missing = [b for b in blobs if b not in self._blob_ids]
         if missing:
-            raise InputError(f"no blob(s) {missing} in the net; blobs are {sorted(out)}")
-        return {b: out[b] for b in blobs}
+            raise InputError(
+                f"no blob(s) {missing} in the net; blobs are {sorted(self._blob_ids)}"
+            )
+        return self._select(tuple(dict.fromkeys(blobs)))(params, self._feeds(inputs), rng)[0]
+
+    def outputs(self, params, inputs, rng=None):
+        return self.apply(params, inputs, rng, blobs=self.output_names)
 
     def loss(self, params, inputs, rng=None):
         return self._loss(params, self._feeds(inputs), rng)[0]
 
 
-def compile_graph(graph: Graph, jit: bool = True) -> CompiledNet:
+def compile_graph(graph: Graph, jit: bool = True, fast: Fast = True) -> CompiledNet:
     """Compile a Graph; the functions are traced on first call for the graph's shapes."""
-    return CompiledNet(graph, jit=jit)
+    return CompiledNet(graph, jit=jit, fast=fast)

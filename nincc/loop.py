@@ -45,6 +45,7 @@ from .snapshot import (
     snapshot_filename,
     write_solverstate,
 )
+from .train import Trainer
 
 LOG = logging.getLogger("nincc.train")
 _QUIET = logging.getLogger("nincc.train.quiet")  # for weight copies Caffe does not report
@@ -306,18 +307,19 @@ class Feeder:
         self.sources = []
 
 
-def _forward_fn(graph: Graph, jit: bool = True) -> Callable:
+def _forward_fn(net: Any) -> Callable:
     """``f(params, feeds, rng) -> ({output blob: array}, loss)``: the net's outputs only, so the
     compiled forward keeps its intermediates fused."""
     from .compile import run_graph, total_loss
 
+    graph = net.graph
     outs = output_blobs(graph)
 
     def forward(params, feeds, rng):
-        env, _ = run_graph(graph, params, feeds, rng)
+        env, _ = run_graph(graph, params, feeds, rng, fast=net.fast)
         return {blob: env[vid] for blob, vid, _ in outs}, total_loss(graph, env)
 
-    return jax.jit(forward) if jit else forward
+    return forward if net.dynamic else jax.jit(forward)
 
 
 def _net_state_expected(graph: Graph) -> dict[str, list]:
@@ -387,61 +389,6 @@ def _definition(graph: Graph, net_param: Any) -> Any:
 # ============================================================================ the step
 
 
-class _Stepper:
-    """Trainer's iteration (iter_size passes + one Caffe update) that also returns the net
-    outputs of the last pass, which Caffe's display prints as ``Train net output #k``."""
-
-    def __init__(self, net: Any, cfg: Any):
-        from .compile import run_graph, total_loss
-        from .train import Trainer, unrolled_scan
-
-        self.trainer = Trainer(net, cfg)
-        self.cfg = cfg
-        graph = net.graph
-        outs = output_blobs(graph)
-
-        def impl(params, opt_state, feeds, keys):
-            import optax
-
-            def loss_fn(p, f, k):
-                env, state = run_graph(graph, p, f, k)
-                return total_loss(graph, env), (state, {b: env[v] for b, v, _ in outs})
-
-            def one(carry, xs):
-                p, acc = carry
-                (loss, (state, o)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, *xs)
-                acc = jax.tree_util.tree_map(jnp.add, acc, g)
-                for name, arrays in state.items():
-                    p = {**p, name: list(arrays)}
-                return (p, acc), (loss, o)
-
-            zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-            (params, grads), (losses, o) = unrolled_scan(one, (params, zeros), (feeds, keys))
-            updates, opt_state = self.trainer.tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            last = jax.tree_util.tree_map(lambda x: x[-1], o)
-            return params, opt_state, losses, last
-
-        self._step = jax.jit(impl, donate_argnums=(0, 1))
-
-    def init(self, params):
-        return self.trainer.init(params)
-
-    def __call__(self, params, opt_state, feeds: Sequence[Mapping[str, Any]], it: int, rng):
-        from .solver import learning_rate
-
-        rate = learning_rate(self.cfg, it)
-        opt_state = opt_state._replace(rate=jnp.asarray(rate))
-        stacked = {k: jnp.stack([jnp.asarray(f[k], jnp.float32) for f in feeds]) for k in feeds[0]}
-        keys = jax.random.split(jax.random.fold_in(rng, it), len(feeds))
-        params, opt_state, losses, outputs = self._step(params, opt_state, stacked, keys)
-        losses = np.asarray(losses, np.float32)
-        loss = np.float32(0)
-        for x in losses:  # Caffe: loss += ForwardBackward() in float, then loss /= iter_size
-            loss = np.float32(loss + x)
-        return params, opt_state, float(loss / np.float32(len(losses))), float(rate), outputs
-
-
 def _on_device(tree: Mapping[str, Sequence[Any]]) -> dict[str, list]:
     return {k: [jnp.asarray(a) for a in v] for k, v in tree.items()}
 
@@ -503,6 +450,7 @@ class Solver:
         metrics: MetricsWriter | None = None,
         progress: Progress | None = None,
         log: logging.Logger = LOG,
+        fast: bool = True,
     ):
         from . import compile as compile_net
         from .build import build_graph
@@ -525,15 +473,15 @@ class Solver:
                 spec.net_param, phase=spec.phase, level=spec.level, stages=spec.stages,
                 input_shapes=input_shapes,
             )
-            return compile_net(graph)
+            return compile_net(graph, fast=fast)
 
         self.net = build(train)
         self.graph = self.net.graph
         if not self.net.has_loss:
             log.warning("the train net has no loss layer: nothing to minimise")
-        self.stepper = _Stepper(self.net, self.cfg)
+        self.trainer = Trainer(self.net, self.cfg, [b for b, _, _ in output_blobs(self.graph)])
         self.params = self.net.init(seed)
-        self.opt_state = self.stepper.init(self.params)
+        self.opt_state = self.trainer.init(self.params)
         self.iter = 0
         self.feeder = Feeder(self.graph, train.net_param, synthetic, seed, "the train net")
         self.test_nets = [build(s) for s in tests]
@@ -541,7 +489,7 @@ class Solver:
             Feeder(n.graph, s.net_param, synthetic, seed, f"test net #{i}")
             for i, (n, s) in enumerate(zip(self.test_nets, tests, strict=True))
         ]
-        self._test_fns = [_forward_fn(n.graph, jit=not n.dynamic) for n in self.test_nets]
+        self._test_fns = [_forward_fn(n) for n in self.test_nets]
         self._test_own = [
             {k: v for k, v in n.init(seed).items() if k not in self.params} for n in self.test_nets
         ]
@@ -569,7 +517,7 @@ class Solver:
             for i, net in enumerate(self.test_nets):
                 own = copy_weights(self._test_own[i], net.graph, stored, path, _QUIET)
                 self._test_own[i] = {k: v for k, v in own.items() if k not in self.params}
-        self.opt_state = self.stepper.init(self.params)
+        self.opt_state = self.trainer.init(self.params)
 
     def restore(self, state_path: str) -> None:
         """Resume: iteration, weights (``learned_net``) and history from a solver state file."""
@@ -594,7 +542,7 @@ class Solver:
         hist, hist2 = history_trees(snap.history, shapes, two, state_path)
         self.iter = int(snap.iter)
         self._feed_count = self.iter * self.cfg.iter_size  # synthetic inputs continue in step
-        state = self.stepper.init(self.params)
+        state = self.trainer.init(self.params)
         self.opt_state = state._replace(
             iter=jnp.asarray(self.iter, jnp.int32),
             history=_on_device(hist),
@@ -748,9 +696,10 @@ class Solver:
                     break
             show = display > 0 and self.iter % display == 0
             t0 = time.perf_counter()
-            self.params, self.opt_state, loss, rate, outputs = self.stepper(
-                self.params, self.opt_state, self._next_feeds(), self.iter, self.rng
+            self.params, self.opt_state, res = self.trainer.step(
+                self.params, self.opt_state, self._next_feeds(), self.rng, it=self.iter
             )
+            loss, rate, outputs = res.loss, res.rate, res.outputs
             if not math.isfinite(loss):
                 raise SolverError(
                     f"iteration {self.iter}: the loss is {loss}; training diverged and stopped "
@@ -834,7 +783,7 @@ class Solver:
     def _final_loss(self) -> float:
         """One more TRAIN forward, as Solve does for its last display line."""
         if self._train_forward is None:
-            self._train_forward = _forward_fn(self.graph, jit=not self.net.dynamic)
+            self._train_forward = _forward_fn(self.net)
         feeds = self.feeder.next(self._feed_count)
         self._feed_count += 1
         key = jax.random.fold_in(jax.random.fold_in(self.rng, 0), self.iter)
@@ -877,7 +826,7 @@ def _graph_for(args: argparse.Namespace, phase: str) -> Any:
         level=getattr(args, "level", None), stages=getattr(args, "stage", None) or (),
         input_shapes=_input_shapes(getattr(args, "input_shape", None)),
     )
-    return compile_net(graph), net_param
+    return compile_net(graph, fast=not getattr(args, "reference_lowerings", False)), net_param
 
 
 def _input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
@@ -915,7 +864,7 @@ def _score(
     net: Any, feeder: Feeder, params: Mapping[str, Sequence[Any]], iterations: int, seed: int,
     log: logging.Logger,
 ) -> tuple[float, dict[str, float]]:
-    fn = _forward_fn(net.graph, jit=not net.dynamic)
+    fn = _forward_fn(net)
     outs = output_blobs(net.graph)
     rng = jax.random.PRNGKey(seed)
     sums: list[np.ndarray] | None = None
@@ -950,7 +899,8 @@ class Timing:
 
     forward_ms: float
     forward_backward_ms: float
-    layers: list[tuple[str, float, float | None]]  # (layer, forward ms, backward ms or None)
+    # (layer, forward ms, backward ms or None, lowering: "fast" or "table")
+    layers: list[tuple[str, float, float | None, str]]
 
 
 def time_net(
@@ -959,13 +909,13 @@ def time_net(
 ) -> Timing:
     """Time the jitted forward and forward+backward on random inputs (median of ``iterations``).
 
-    Per-layer times come from jitting each layer alone on the inputs the whole forward gives it
-    (a layer's backward: the vector-Jacobian product for a ones top diff); XLA fuses across
-    layers in the whole net, so the per-layer sum differs from the whole-net time.
+    Per-layer times come from jitting each layer alone, with the lowering the train step uses,
+    on the inputs the whole forward gives it (a layer's backward: the vector-Jacobian product
+    for a ones top diff); XLA fuses across layers in the whole net, so the per-layer sum differs
+    from the whole-net time.
     """
-    from .compile import run_graph, total_loss
+    from .compile import choose_lowering, layer_ctx, run_graph, total_loss
     from .layers import REGISTRY
-    from .layers.base import LowerCtx
 
     graph = net.graph
     feeds = {k: jnp.asarray(v) for k, v in Feeder(graph, None, True, seed, "net").next(0).items()}
@@ -973,7 +923,7 @@ def time_net(
     outs = output_blobs(graph)
 
     def objective(p, f, k):
-        env, _ = run_graph(graph, p, f, k)
+        env, _ = run_graph(graph, p, f, k, fast=net.fast)
         if net.has_loss:
             return total_loss(graph, env)
         return sum((jnp.sum(env[v]) for _, v, _ in outs), jnp.zeros((), jnp.float32))
@@ -982,9 +932,11 @@ def time_net(
     fwd_bwd = jax.jit(jax.value_and_grad(objective))
     forward_ms = _median_ms(fwd, (params, feeds, rng), iterations)
     fb_ms = _median_ms(fwd_bwd, (params, feeds, rng), iterations)
-    layers: list[tuple[str, float, float | None]] = []
+    layers: list[tuple[str, float, float | None, str]] = []
     if per_layer:
-        env, _ = jax.jit(lambda p, f, k: run_graph(graph, p, f, k))(params, feeds, rng)
+        env, _ = jax.jit(lambda p, f, k: run_graph(graph, p, f, k, fast=net.fast))(
+            params, feeds, rng
+        )
         for index, layer in enumerate(graph.layers):
             entry = REGISTRY[layer.type]
             lparams = []
@@ -994,14 +946,12 @@ def time_net(
             bottoms = [env[b] for b in layer.bottoms]
             key = jax.random.fold_in(rng, index)
 
-            def run(lp, bs, f, k, layer=layer, entry=entry):
-                ctx = LowerCtx(
-                    graph.phase, layer.name, k, f,
-                    [graph.value(t).blob for t in layer.tops],
-                    [graph.value(t).shape for t in layer.tops],
-                    [graph.value(b).shape for b in layer.bottoms],
-                )
-                return entry.lower(layer.attrs, lp, bs, ctx)
+            lower, kind = choose_lowering(
+                layer, [graph.value(b).shape for b in layer.bottoms], net.fast
+            )
+
+            def run(lp, bs, f, k, layer=layer, lower=lower):
+                return lower(layer.attrs, lp, bs, layer_ctx(graph, layer, k, f))
 
             f_ms = _median_ms(jax.jit(run), (lparams, bottoms, feeds, key), iterations)
             b_ms = None
@@ -1012,7 +962,7 @@ def time_net(
                     return vjp([jnp.ones_like(t) for t in tops])
 
                 b_ms = _median_ms(jax.jit(back), (lparams, bottoms, feeds, key), iterations)
-            layers.append((layer.name, f_ms, b_ms))
+            layers.append((layer.name, f_ms, b_ms, kind))
     return Timing(forward_ms, fb_ms, layers)
 
 
@@ -1057,6 +1007,7 @@ def _train(
     solver = Solver(
         sp, solver_path, synthetic=args.synthetic, seed=args.seed,
         input_shapes=_input_shapes(args.input_shape), metrics=metrics, progress=progress, log=log,
+        fast=not args.reference_lowerings,
     )
     try:
         if args.seed is None and sp.random_seed < 0:
@@ -1098,11 +1049,12 @@ def _report_time(log: logging.Logger, net: Any, params: Any, args: argparse.Name
     log.info("Timing for %d iterations (median; random inputs).", args.iterations)
     t = time_net(net, params, args.iterations, args.seed, per_layer=not args.no_layers)
     if t.layers:
-        log.info("Median time per layer (each layer jitted alone):")
-        for name, f_ms, b_ms in t.layers:
-            log.info("%10s\tforward: %s ms.", name, num(f_ms))
+        log.info("Median time per layer (each layer jitted alone, with the train step's lowering):")
+        for name, f_ms, b_ms, kind in t.layers:
+            tag = " [fast]" if kind == "fast" else ""
+            log.info("%10s\tforward: %s ms.%s", name, num(f_ms), tag)
             if b_ms is not None:
-                log.info("%10s\tbackward: %s ms.", name, num(b_ms))
+                log.info("%10s\tbackward: %s ms.%s", name, num(b_ms), tag)
     log.info("Median Forward pass: %s ms.", num(t.forward_ms))
     log.info("Backward pass (forward-backward minus forward): %s ms.",
              num(max(0.0, t.forward_backward_ms - t.forward_ms)))
@@ -1133,6 +1085,10 @@ def _state_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--input-shape", action="append", metavar="BLOB=N,C,H,W",
         help="shape of a source layer's top (e.g. a Data layer whose database is absent)",
+    )
+    p.add_argument(
+        "--reference-lowerings", action="store_true",
+        help="run the layer table's reference lowerings only, not nincc.fast's",
     )
 
 

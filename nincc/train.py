@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from .compile import CompiledNet, run_graph, total_loss
@@ -30,11 +31,22 @@ def unrolled_scan(f, carry, xs):
 
 @dataclass
 class StepResult:
-    """What one iteration reports: Caffe's loss (mean over the iter_size passes) and rate."""
+    """What one iteration reports: Caffe's loss (mean over the iter_size passes, accumulated in
+    float32 as Solver::Step does), the rate, and the net outputs of the last pass (``outputs``
+    when the Trainer was asked for them; Caffe's display prints them)."""
 
     loss: float
     rate: float
     losses: list[float]
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+def caffe_mean_loss(losses: Sequence[float]) -> float:
+    """Solver::Step's ``loss += ForwardBackward()`` in float, then ``loss /= iter_size``."""
+    total = np.float32(0)
+    for x in losses:
+        total = np.float32(total + np.float32(x))
+    return float(total / np.float32(len(losses)))
 
 
 class Trainer:
@@ -42,49 +54,62 @@ class Trainer:
 
     ``step(params, opt_state, feeds, rng)`` takes a list of ``iter_size`` feed dicts (one per
     forward) and returns ``(params, opt_state, StepResult)``. Blobs that forward updates
-    (BatchNorm statistics) are carried from pass to pass, as in Caffe.
+    (BatchNorm statistics) are carried from pass to pass, as in Caffe. ``outputs`` names blobs
+    whose last-pass values the step also returns. The net's lowerings (``net.fast``) are used.
     """
 
-    def __init__(self, net: CompiledNet, cfg: SolverConfig):
+    def __init__(self, net: CompiledNet, cfg: SolverConfig, outputs: Sequence[str] = ()):
         self.net, self.cfg = net, cfg
         lr, decay = param_multipliers(net.graph)
         self.tx = caffe_solver(cfg, lr, decay)
+        ids = net.graph.blob_values()
+        self._outputs = [(b, ids[b]) for b in outputs]
         self._step = jax.jit(self._step_impl, donate_argnums=(0, 1))
 
     def init(self, params: Mapping[str, Sequence[Any]]) -> CaffeState:
         return self.tx.init(params)
 
     def _step_impl(self, params, opt_state, feeds, keys):
-        graph = self.net.graph
+        graph, fast, outputs = self.net.graph, self.net.fast, self._outputs
 
         def loss_fn(p, f, k):
-            env, state = run_graph(graph, p, f, k)
-            return total_loss(graph, env), state
+            env, state = run_graph(graph, p, f, k, fast=fast)
+            return total_loss(graph, env), (state, {b: env[v] for b, v in outputs})
 
         def one(carry, xs):
             p, acc = carry
             f, k = xs
-            (loss, state), g = jax.value_and_grad(loss_fn, has_aux=True)(p, f, k)
+            (loss, (state, outs)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, f, k)
             acc = jax.tree_util.tree_map(jnp.add, acc, g)
             for name, arrays in state.items():
                 p = {**p, name: list(arrays)}
-            return (p, acc), loss
+            return (p, acc), (loss, outs)
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        (params, grads), losses = unrolled_scan(one, (params, zeros), (feeds, keys))
+        (params, grads), (losses, outs) = unrolled_scan(one, (params, zeros), (feeds, keys))
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, losses
+        last = jax.tree_util.tree_map(lambda x: x[-1], outs)
+        return params, opt_state, losses, last
 
-    def step(self, params, opt_state: CaffeState, feeds: Sequence[Mapping[str, Any]], rng=None):
+    def step(
+        self,
+        params,
+        opt_state: CaffeState,
+        feeds: Sequence[Mapping[str, Any]],
+        rng=None,
+        it: int | None = None,
+    ):
+        """One iteration. ``it`` (default: the state's iteration) sets the rate and the
+        per-iteration random keys."""
         if len(feeds) != self.cfg.iter_size:
             raise ValueError(f"step needs {self.cfg.iter_size} feeds (iter_size), got {len(feeds)}")
-        it = int(opt_state.iter)
+        it = int(opt_state.iter) if it is None else it
         rate = learning_rate(self.cfg, it)
         opt_state = opt_state._replace(rate=jnp.asarray(rate))
         stacked = {k: jnp.stack([jnp.asarray(f[k], jnp.float32) for f in feeds]) for k in feeds[0]}
         base = jax.random.PRNGKey(0) if rng is None else rng
         keys = jax.random.split(jax.random.fold_in(base, it), len(feeds))
-        params, opt_state, losses = self._step(params, opt_state, stacked, keys)
-        values = [float(x) for x in losses]
-        return params, opt_state, StepResult(sum(values) / len(values), float(rate), values)
+        params, opt_state, losses, outputs = self._step(params, opt_state, stacked, keys)
+        values = [float(x) for x in np.asarray(losses)]
+        return params, opt_state, StepResult(caffe_mean_loss(values), float(rate), values, outputs)

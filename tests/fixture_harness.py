@@ -56,8 +56,9 @@ def shaped_like_net(net: nincc.CompiledNet, params: dict) -> dict:
     return out
 
 
-def run_case(case: Path) -> list[str]:
-    """All mismatches between nincc and Caffe for one case (empty list: it matches)."""
+def run_case(case: Path, fast: bool = True) -> list[str]:
+    """All mismatches between nincc and Caffe for one case (empty list: it matches).
+    ``fast=False`` checks the layer table's reference lowerings instead of nincc.fast's."""
     m = json.loads((case / "manifest.json").read_text())
     tol = m["tolerances"]
     graph = nincc.load_graph(case / "net.prototxt", phase=m["phase"], insert_splits=True)
@@ -67,7 +68,7 @@ def run_case(case: Path) -> list[str]:
     if ours != theirs:
         problems.append(f"layers differ: {ours} vs Caffe's {theirs}")
         return problems
-    net = nincc.compile(graph)
+    net = nincc.compile(graph, fast=fast)
     params = shaped_like_net(net, load_params(case, net))
     with np.load(case / "inputs.npz", allow_pickle=False) as d:
         inputs = {k: d[k] for k in d.files}
@@ -106,11 +107,11 @@ def _check_backward(net, params, inputs, case, bw, rel) -> list[str]:
     }
     taps = {v.id: jnp.zeros(v.shape, jnp.float32) for v in graph.values}
     if net.dynamic:  # data-dependent shapes (Filter): tap the values as they come out
-        env, _ = run_graph(graph, params, feeds, None)
+        env, _ = run_graph(graph, params, feeds, None, fast=net.fast)
         taps = {vid: jnp.zeros_like(x) for vid, x in env.items()}
 
     def objective(p, t):
-        env, _ = run_graph(graph, p, feeds, None, taps=t)
+        env, _ = run_graph(graph, p, feeds, None, taps=t, fast=net.fast)
         out = total_loss(graph, env)
         for blob, g in topdiffs.items():
             out = out + jnp.sum(env[last[blob]] * g)

@@ -81,9 +81,12 @@ def test_lowered_program_names_every_conv_layer(capsys, level):
     convs = [x["name"] for x in manifest("split_implicit")["layers"] if x["type"] == "Convolution"]
     assert convs == ["conv1", "conv2"]
     for name in convs:
-        if level == "jaxpr":  # the name stack is printed beside each equation
+        if level == "jaxpr":  # the name stack is printed beside each equation; a 1x1
+            # convolution runs nincc.fast's lowering, a custom_vjp_call holding the convolution
+            ops = ("conv_general_dilated", "custom_vjp_call")
             hits = [
-                ln for ln in out.splitlines() if "conv_general_dilated" in ln and f"[{name}]" in ln
+                ln for ln in out.splitlines()
+                if any(op in ln for op in ops) and f"[{name}]" in ln
             ]
         else:  # StableHLO locations and HLO op_name metadata carry the scope path
             hits = re.findall(rf"/{re.escape(name)}/conv[a-z_]*", out)

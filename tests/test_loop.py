@@ -633,3 +633,28 @@ def test_curves_of_a_resumed_run_keep_the_latest_values(tmp_path):
     m.write_text('{"iter": 0}\nnot json\n')
     with pytest.raises(InputError, match=r"m\.jsonl:2: not a JSON metrics record"):
         read_metrics(m)
+
+
+SMALL_CONV = """
+name: "small"
+input: "data" input_shape { dim: 2 dim: 3 dim: 8 dim: 8 }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "cccp" type: "Convolution" bottom: "conv" top: "cccp"
+        convolution_param { num_output: 4 kernel_size: 1 weight_filler { type: "xavier" } } }
+layer { name: "pool" type: "Pooling" bottom: "cccp" top: "pool"
+        pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+"""
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_time_marks_the_layers_the_fast_lowerings_run(tmp_path, capsys, reference):
+    """Per-layer times come from the lowering the train step uses: the 1x1 convolution and
+    the pooling run nincc.fast's, the 3x3 convolution the table's; none with the reference."""
+    (tmp_path / "small.prototxt").write_text(SMALL_CONV)
+    extra = ["--reference-lowerings"] if reference else []
+    assert cli("time", tmp_path / "small.prototxt", "--iterations", "1", *extra) == 0
+    msgs = [x.strip() for x in _messages(capsys.readouterr().err)]
+    tagged = {m.split("\t")[0] for m in msgs if m.endswith("[fast]")}
+    assert tagged == (set() if reference else {"cccp", "pool"})
+    assert any(re.fullmatch(rf"conv\tbackward: {NUM} ms\.", x) for x in msgs)

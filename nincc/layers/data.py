@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 
 import jax.numpy as jnp
-import numpy as np
 
 from ..errors import DataError, InputError, ShapeError
 from .base import Filler, LayerType, register
@@ -189,40 +188,26 @@ class DataAttrs:
     record: tuple[int, ...] | None
 
 
-def _first_datum_shape(source: str, backend: str) -> tuple[int, ...] | None:
-    """(C, H, W) of the first record of an LMDB database, or None if it cannot be read here."""
-    if backend != "LMDB" or not os.path.isdir(source):
+def _first_datum_shape(msg, source: str, backend: str) -> tuple[int, ...] | None:
+    """(C, H, W) of the first record of the layer's database (decoded as its transform_param
+    asks), or None where it cannot be read here (absent, or its reader not installed)."""
+    import dataclasses
+    import importlib.util
+
+    from ..data.sources import data_record_shape
+    from ..data.transform import TransformParam
+
+    module = {"LMDB": "lmdb", "LEVELDB": "plyvel"}.get(backend)
+    if module is None or not os.path.exists(source) or importlib.util.find_spec(module) is None:
         return None
-    try:
-        import lmdb
-
-        from .. import caffe_pb2
-    except ImportError:
-        return None
-    env = lmdb.open(source, readonly=True, lock=False)
-    try:
-        with env.begin() as txn:
-            cur = txn.cursor()
-            if not cur.first():
-                raise DataError(f"data source '{source}' is empty")
-            d = caffe_pb2.Datum()
-            d.ParseFromString(cur.value())
-    finally:
-        env.close()
-    if d.encoded:
-        import io
-
-        from PIL import Image
-
-        img = np.asarray(Image.open(io.BytesIO(d.data)))
-        return (img.shape[2] if img.ndim == 3 else 1, img.shape[0], img.shape[1])
-    return (d.channels, d.height, d.width)
+    transform = dataclasses.replace(TransformParam.from_proto(msg.transform_param), crop_size=0)
+    return data_record_shape(source, backend, transform, f"Data layer '{msg.name}'")
 
 
 def _data_attrs(msg) -> DataAttrs:
     p = msg.data_param
     backend = type(p).DESCRIPTOR.fields_by_name["backend"].enum_type.values_by_number[p.backend]
-    rec = _first_datum_shape(p.source, backend.name)
+    rec = _first_datum_shape(msg, p.source, backend.name)
     fallback: tuple = ()
     if rec is None:
         try:

@@ -1,0 +1,388 @@
+"""nincc.fast: every fast lowering equals the layer table's lowering (forward and gradients,
+within the fixture tolerances) on the zoo's and the corpus's shapes, stride, pad and group, and
+nets run with the fast lowerings still match the real-Caffe fixtures."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from nincc import caffe_pb2, fast
+from nincc.layers import REGISTRY
+from nincc.layers.base import LowerCtx
+
+from .conftest import FIXTURES
+
+FWD_REL, BWD_REL = 1e-5, 1e-4
+
+
+def layer_attrs(type_name: str, body: str, tops: int = 1, bottoms: int = 1):
+    """attrs of a `layer { ... }` snippet, read by the table entry."""
+    top = "".join(f' top: "t{i}"' for i in range(tops))
+    bottom = "".join(f' bottom: "b{i}"' for i in range(bottoms))
+    msg = text_format.Parse(
+        f'name: "l" type: "{type_name}"{bottom}{top} {body}', caffe_pb2.LayerParameter()
+    )
+    return REGISTRY[type_name].attrs(msg)
+
+
+def ctx_for(bottoms) -> LowerCtx:
+    return LowerCtx("TRAIN", "l", None, {}, ("t0",), (), tuple(b.shape for b in bottoms))
+
+
+def assert_close(got, ref, rel, what):
+    """|got - ref| <= rel * max|ref| (the fixtures' rule); non-finite entries must be equal."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
+    finite = np.isfinite(ref)
+    np.testing.assert_array_equal(got[~finite], ref[~finite], err_msg=f"{what}: non-finite")
+    got, ref = got[finite], ref[finite]
+    if ref.size == 0:
+        return
+    scale = max(float(np.max(np.abs(ref))), 1e-30)
+    err = float(np.max(np.abs(got - ref)))
+    assert err <= rel * scale, f"{what}: max error {err:.3g} > {rel:g} x {scale:.3g}"
+
+
+def compare(type_name: str, attrs, params, bottoms, seed: int = 0):
+    """The fast lowering against the table's: forward, then the VJP of a random cotangent
+    with respect to every param and bottom."""
+    entry = REGISTRY[type_name]
+    shapes = [b.shape for b in bottoms]
+    lower = fast.lowering_for(type_name, attrs, shapes)
+    assert lower is not None, f"{type_name} fast path should apply to {shapes}"
+    ctx = ctx_for(bottoms)
+
+    def run(fn):
+        return jax.jit(lambda p, b: fn(attrs, p, b, ctx))
+
+    ref = run(entry.lower)(params, bottoms)
+    got = run(lower)(params, bottoms)
+    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
+        assert_close(g, r, FWD_REL, f"top {i}")
+    rng = np.random.default_rng(seed)
+    cot = [jnp.asarray(rng.standard_normal(r.shape), jnp.float32) for r in ref]
+
+    def grads(fn):
+        return jax.jit(lambda p, b, c: jax.vjp(lambda p, b: fn(attrs, p, b, ctx), p, b)[1](c))
+
+    gref = grads(entry.lower)(params, bottoms, cot)
+    ggot = grads(lower)(params, bottoms, cot)
+    for name, g, r in zip(("params", "bottoms"), ggot, gref, strict=True):
+        for i, (gi, ri) in enumerate(zip(g, r, strict=True)):
+            assert_close(gi, ri, BWD_REL, f"gradient of {name}[{i}]")
+
+
+def randn(rng, shape, scale=1.0):
+    return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
+
+
+# ---------------------------------------------------------------- 1x1 convolutions
+
+# (batch, channels, h, w, num_output, stride, group, bias): NIN's and SqueezeNet's cccp/squeeze
+# shapes (shrunk in batch), a strided 1x1 (ResNet's shortcut) and grouped ones
+POINTWISE = [
+    (2, 192, 8, 8, 160, 1, 1, True),  # NIN CIFAR-10 cccp1 (spatial shrunk)
+    (2, 96, 13, 13, 96, 1, 1, True),  # NIN ImageNet cccp1 (spatial shrunk)
+    (1, 1024, 6, 6, 1000, 1, 1, True),  # NIN ImageNet cccp8
+    (2, 64, 14, 14, 16, 1, 1, True),  # SqueezeNet squeeze
+    (2, 16, 14, 14, 64, 1, 1, False),  # SqueezeNet expand1x1, no bias
+    (2, 32, 9, 7, 48, 2, 1, True),  # strided 1x1 on an odd, non-square plane
+    (2, 32, 10, 10, 24, 3, 1, True),
+    (2, 32, 6, 6, 48, 1, 4, True),  # grouped
+    (2, 24, 7, 5, 12, 2, 3, False),  # grouped and strided
+]
+
+
+@pytest.mark.parametrize("n,c,h,w,o,stride,group,bias", POINTWISE)
+def test_pointwise_convolution_matches_table(n, c, h, w, o, stride, group, bias):
+    attrs = layer_attrs(
+        "Convolution",
+        f"convolution_param {{ num_output: {o} kernel_size: 1 stride: {stride} "
+        f"group: {group} bias_term: {str(bias).lower()} }}",
+    )
+    rng = np.random.default_rng(n * c + o)
+    params = [randn(rng, (o, c // group, 1, 1), 0.1)] + ([randn(rng, (o,))] if bias else [])
+    compare("Convolution", attrs, params, [randn(rng, (n, c, h, w))])
+
+
+def test_pointwise_convolution_two_bottoms():
+    attrs = layer_attrs("Convolution", "convolution_param { num_output: 8 kernel_size: 1 }", 2, 2)
+    rng = np.random.default_rng(1)
+    params = [randn(rng, (8, 6, 1, 1)), randn(rng, (8,))]
+    compare("Convolution", attrs, params, [randn(rng, (2, 6, 5, 5)), randn(rng, (2, 6, 5, 5))])
+
+
+@pytest.mark.parametrize(
+    "body,shape",
+    [
+        ("kernel_size: 3 pad: 1", (1, 4, 6, 6)),  # k x k stays with XLA's convolution
+        ("kernel_size: 1 pad: 1", (1, 4, 6, 6)),  # padded 1x1
+        ("kernel_size: 1", (1, 4, 6)),  # 1-D
+        ("kernel_size: 1 axis: 2", (1, 2, 4, 6, 6)),
+        ("kernel_h: 1 kernel_w: 3", (1, 4, 6, 6)),
+    ],
+)
+def test_fast_convolution_leaves_other_shapes_to_the_table(body, shape):
+    attrs = layer_attrs("Convolution", f"convolution_param {{ num_output: 4 {body} }}")
+    assert fast.lowering_for("Convolution", attrs, [shape]) is None
+
+
+def test_pointwise_dilation_is_irrelevant():
+    attrs = layer_attrs(
+        "Convolution", "convolution_param { num_output: 5 kernel_size: 1 dilation: 3 }"
+    )
+    rng = np.random.default_rng(2)
+    compare(
+        "Convolution",
+        attrs,
+        [randn(rng, (5, 3, 1, 1)), randn(rng, (5,))],
+        [randn(rng, (2, 3, 7, 7))],
+    )
+
+
+# ---------------------------------------------------------------- pooling
+
+# (method, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, h, w): the zoo's and corpus's
+# pools (3x3/2 with ceil overhang, 2x2/2), GoogLeNet's 3x3/1 pad 1, and rectangular, padded,
+# strided-by-3 and clipped-window cases
+POOLS = [
+    ("MAX", 3, 3, 2, 2, 0, 0, 32, 32),  # NIN CIFAR-10 pool1: ceil overhang
+    ("MAX", 3, 3, 2, 2, 0, 0, 54, 54),  # NIN ImageNet pool0
+    ("MAX", 3, 3, 2, 2, 0, 0, 13, 13),
+    ("MAX", 3, 3, 2, 2, 0, 0, 55, 55),  # AlexNet
+    ("MAX", 2, 2, 2, 2, 0, 0, 14, 14),  # VGG / LeNet
+    ("MAX", 2, 2, 2, 2, 0, 0, 9, 7),
+    ("MAX", 3, 3, 1, 1, 1, 1, 7, 7),  # GoogLeNet's 3x3/1 pad 1
+    ("MAX", 3, 2, 2, 3, 1, 1, 11, 10),
+    ("MAX", 5, 5, 3, 3, 2, 2, 12, 12),  # pad and Caffe's clip of the last window
+    ("MAX", 2, 2, 3, 3, 0, 0, 10, 10),  # stride > kernel: gaps no window reads
+    ("AVE", 3, 3, 2, 2, 0, 0, 16, 16),  # NIN CIFAR-10 pool2
+    ("AVE", 3, 3, 2, 2, 1, 1, 9, 9),  # divisor counts padding, not the overhang
+    ("AVE", 4, 3, 2, 3, 1, 1, 10, 11),
+    ("AVE", 2, 2, 1, 1, 0, 0, 5, 5),
+]
+
+
+def pool_attrs(method, kh, kw, sh, sw, ph, pw, tops=1):
+    return layer_attrs(
+        "Pooling",
+        f"pooling_param {{ pool: {method} kernel_h: {kh} kernel_w: {kw} stride_h: {sh} "
+        f"stride_w: {sw} pad_h: {ph} pad_w: {pw} }}",
+        tops,
+    )
+
+
+@pytest.mark.parametrize("method,kh,kw,sh,sw,ph,pw,h,w", POOLS)
+def test_pooling_matches_table(method, kh, kw, sh, sw, ph, pw, h, w):
+    rng = np.random.default_rng(h * w + kh)
+    compare("Pooling", pool_attrs(method, kh, kw, sh, sw, ph, pw), [], [randn(rng, (2, 3, h, w))])
+
+
+@pytest.mark.parametrize("kernel,stride,pad", [(3, 2, 0), (2, 2, 0), (3, 1, 1), (3, 2, 1)])
+def test_max_pooling_ties_go_to_the_first_maximum(kernel, stride, pad):
+    """Small integers (and the zeros of a ReLU) make most windows hold several maxima."""
+    rng = np.random.default_rng(kernel + stride)
+    x = np.maximum(rng.integers(-2, 3, (2, 3, 9, 9)), 0).astype(np.float32)
+    attrs = pool_attrs("MAX", kernel, kernel, stride, stride, pad, pad)
+    compare("Pooling", attrs, [], [jnp.asarray(x)])
+
+
+def test_max_pooling_nan_and_infinities():
+    """NaN never wins, -inf only against -inf: a window with nothing above -FLT_MAX yields
+    -FLT_MAX and passes no gradient, as the table (Caffe) does."""
+    x = np.random.default_rng(3).standard_normal((1, 2, 6, 6)).astype(np.float32)
+    x[0, 0, 0:2, 0:2] = -np.inf
+    x[0, 0, 2, 3] = np.nan
+    x[0, 1, 4:6, 4:6] = np.inf
+    compare("Pooling", pool_attrs("MAX", 2, 2, 2, 2, 0, 0), [], [jnp.asarray(x)])
+
+
+@pytest.mark.parametrize(
+    "body,tops",
+    [
+        ("pool: MAX kernel_size: 2 stride: 2", 2),  # with the mask top
+        ("pool: STOCHASTIC kernel_size: 2 stride: 2", 1),
+        ("pool: AVE global_pooling: true", 1),
+        ("pool: MAX kernel_size: 6", 1),  # a single window
+    ],
+)
+def test_fast_pooling_leaves_other_cases_to_the_table(body, tops):
+    attrs = layer_attrs("Pooling", f"pooling_param {{ {body} }}", tops)
+    assert fast.lowering_for("Pooling", attrs, [(1, 2, 6, 6)]) is None
+
+
+# ---------------------------------------------------------------- LRN
+
+# (channels, h, w, local_size, alpha, beta, k): NIN-ZFNet's norm1/norm2 and AlexNet's constants
+# (shrunk planes), a large alpha so the window term matters, Caffe's betas with a square-root
+# form (0.75, 0.5, 1) and a general one, and fewer channels than the window
+LRNS = [
+    (96, 11, 11, 5, 1e-4, 0.75, 1.0),
+    (256, 6, 6, 5, 1e-4, 0.75, 1.0),
+    (16, 7, 5, 5, 2.0, 0.75, 1.0),
+    (12, 5, 5, 3, 1.5, 0.5, 2.0),
+    (12, 5, 5, 7, 0.8, 1.0, 1.0),
+    (12, 5, 5, 5, 0.9, 0.6, 1.5),
+    (2, 4, 4, 5, 3.0, 0.75, 1.0),
+]
+
+
+@pytest.mark.parametrize("c,h,w,size,alpha,beta,k", LRNS)
+def test_lrn_across_channels_matches_table(c, h, w, size, alpha, beta, k):
+    attrs = layer_attrs(
+        "LRN", f"lrn_param {{ local_size: {size} alpha: {alpha} beta: {beta} k: {k} }}"
+    )
+    rng = np.random.default_rng(c + size)
+    compare("LRN", attrs, [], [randn(rng, (2, c, h, w), 2.0)])
+
+
+def test_lrn_within_channel_is_left_to_the_table():
+    attrs = layer_attrs("LRN", "lrn_param { local_size: 3 norm_region: WITHIN_CHANNEL }")
+    assert fast.lowering_for("LRN", attrs, [(1, 4, 6, 6)]) is None
+
+
+# ---------------------------------------------------------------- choosing
+
+
+def test_run_graph_chooses_fast_table_or_named_types():
+    from nincc.compile import choose_lowering
+    from nincc.ir import Layer
+
+    conv = layer_attrs("Convolution", "convolution_param { num_output: 4 kernel_size: 1 }")
+    layer = Layer(name="c", type="Convolution", bottoms=("x",), tops=("y",), attrs=conv)
+    shapes = [(1, 2, 6, 6)]
+    assert choose_lowering(layer, shapes, True)[1] == "fast"
+    assert choose_lowering(layer, shapes, False) == (REGISTRY["Convolution"].lower, "table")
+    assert choose_lowering(layer, shapes, ("Pooling",))[1] == "table"
+    assert choose_lowering(layer, shapes, ("Convolution",))[1] == "fast"
+
+
+def test_every_fast_lowering_names_a_table_type():
+    for name, fl in fast.FAST_LOWERINGS.items():
+        assert name in REGISTRY
+        assert fl.doc
+
+
+def test_whole_net_gradients_match_with_fast_lowerings():
+    """NIN CIFAR-10's train net (dropout off): loss and every weight gradient agree."""
+    import dataclasses
+
+    import nincc
+    from nincc.compile import run_graph, total_loss
+
+    from .conftest import REPO
+
+    graph = nincc.load_graph(
+        REPO / "zoo" / "nin_cifar10.prototxt",
+        phase="TRAIN",
+        input_shapes={"data": (2, 3, 32, 32), "label": (2,)},
+    )
+    graph = dataclasses.replace(graph, phase="TEST")
+    params = nincc.compile(graph, jit=False).init(seed=0)
+    rng = np.random.default_rng(0)
+    feeds = {"data": randn(rng, (2, 3, 32, 32)), "label": jnp.asarray([3.0, 7.0])}
+
+    def value_and_grad(use_fast):
+        def loss(p):
+            env, _ = run_graph(graph, p, feeds, fast=use_fast)
+            return total_loss(graph, env)
+
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    ref_loss, ref = value_and_grad(False)
+    got_loss, got = value_and_grad(True)
+    assert_close(got_loss, ref_loss, FWD_REL, "loss")
+    for name in ref:
+        for i, (g, r) in enumerate(zip(got[name], ref[name], strict=True)):
+            assert_close(g, r, BWD_REL, f"{name}[{i}]")
+
+
+# ---------------------------------------------------------------- against real Caffe
+
+FIXTURE_CASES = [
+    "nin_cifar10_deploy",
+    "lrn_across",
+    "v1_nin_cifar10",
+    "conv_group_dilation",
+    "pool_ave_pad",
+    "pool_empty_window",
+    "pool_max_ceil",
+    "pool_pad_clip_axes",
+    "ties",
+]
+
+
+@pytest.mark.parametrize("case", FIXTURE_CASES)
+def test_fixture_case_with_reference_lowerings(case, monkeypatch):
+    """tests/test_fixtures.py runs every case with the fast lowerings (the default); the
+    table's reference lowerings must match Caffe on the cases the fast paths cover too."""
+    from .fixture_harness import run_case
+
+    path = FIXTURES / case
+    if not (path / "forward.npz").exists():
+        pytest.skip(f"fixture {case} not found under {FIXTURES}")
+    monkeypatch.chdir(path)
+    problems = run_case(path, fast=False)
+    assert not problems, "\n".join(problems[:20])
+
+
+# ---------------------------------------------------------------- XLA flags
+
+
+def test_xla_flags_append_and_keep_the_users_values():
+    from nincc import xla_flags
+
+    env = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=true"}
+    added = xla_flags.apply(environ=env)
+    assert added == [f.text for f in xla_flags.FLAGS]
+    assert env["XLA_FLAGS"].split() == ["--xla_cpu_multi_thread_eigen=true", *added]
+    assert xla_flags.apply(environ=env) == []  # idempotent
+    mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}
+    assert xla_flags.apply(environ=mine) == []
+    assert mine["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
+
+
+@pytest.mark.parametrize("value", ["0", "off", "false", "No"])
+def test_xla_flags_opt_out(value):
+    from nincc import xla_flags
+
+    env = {xla_flags.OPT_OUT: value}
+    assert xla_flags.apply(environ=env) == []
+    assert "XLA_FLAGS" not in env
+
+
+def test_xla_flags_take_effect_before_the_backend_starts():
+    """In a fresh process, nincc's flags keep YNNPACK out of a compiled convolution; without
+    them (opted out) this jaxlib hands the convolution to YNNPACK."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "from nincc import xla_flags; xla_flags.apply()\n"
+        "import jax, jax.numpy as jnp\n"
+        "f = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME'))\n"
+        "x, w = jnp.ones((8, 64, 32, 32)), jnp.ones((64, 64, 3, 3))\n"
+        "print('ynn_fusion' in f.lower(x, w).compile().as_text())\n"
+    )
+
+    def run(opt_out: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env["NINCC_XLA_FLAGS"] = opt_out
+        out = subprocess.run(
+            [sys.executable, "-c", probe],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        return out.stdout.strip()
+
+    assert run("1") == "False"
+    if run("0") != "True":
+        pytest.skip("this jaxlib does not use YNNPACK for convolutions by default")
