@@ -14,7 +14,7 @@ from nincc import caffe_pb2, fast
 from nincc.layers import REGISTRY
 from nincc.layers.base import LowerCtx
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, REPO
 
 FWD_REL, BWD_REL = 1e-5, 1e-4
 
@@ -386,3 +386,61 @@ def test_xla_flags_take_effect_before_the_backend_starts():
     assert run("1") == "False"
     if run("0") != "True":
         pytest.skip("this jaxlib does not use YNNPACK for convolutions by default")
+
+
+# -------------------------------------------------------- every shape the zoo and corpus use
+
+
+def _zoo_and_corpus_layers():
+    """(net, layer, bottom shapes at batch 1) of every layer of the zoo and corpus nets that a
+    fast lowering takes, one per distinct (type, attrs, shapes)."""
+    import json
+
+    import nincc
+
+    from .conftest import CORPUS
+
+    graphs = []
+    for path in sorted((REPO / "zoo").glob("*.prototxt")):
+        if "solver" in path.name:
+            continue
+        shapes = {}
+        if "deploy" not in path.name:
+            image = (3, 32, 32) if "cifar" in path.name else (1, 8, 8) if "digits" in path.name \
+                else (3, 224, 224)
+            shapes = {"data": (1, *image), "label": (1,)}
+        graphs.append((path.name, nincc.load_graph(path, phase="TRAIN", input_shapes=shapes)))
+    spec_dir = FIXTURES / "shapes_corpus"
+    for spec_path in sorted(spec_dir.glob("*.shapes.json")) if spec_dir.is_dir() else []:
+        spec = json.loads(spec_path.read_text())
+        if any(layer["type"] == "Python" for layer in spec["layers"]):
+            continue
+        subs = {}
+        for sub in spec["substitutions"]:
+            rules = " ".join(sub.get("rules", []))
+            if "phase" not in rules or f"phase: {spec['phase']}" in rules:
+                subs.update(sub["tops"])
+        graph = nincc.load_graph(
+            CORPUS / spec["corpus_file"], phase=spec["phase"], stages=spec["stages"],
+            input_shapes=subs,
+        )
+        graphs.append((spec["corpus_file"], graph))
+    seen, out = set(), []
+    for name, graph in graphs:
+        for layer in graph.layers:
+            if layer.type not in fast.FAST_LOWERINGS:
+                continue
+            shapes = [(1, *graph.value(b).shape[1:]) for b in layer.bottoms]
+            key = (layer.type, repr(layer.attrs), tuple(shapes))
+            if key in seen or fast.lowering_for(layer.type, layer.attrs, shapes) is None:
+                continue
+            seen.add(key)
+            out.append(pytest.param(layer, shapes, id=f"{name}:{layer.name}"))
+    return out
+
+
+@pytest.mark.parametrize("layer,shapes", _zoo_and_corpus_layers())
+def test_fast_lowering_matches_table_on_zoo_and_corpus_shapes(layer, shapes):
+    rng = np.random.default_rng(len(layer.name))
+    params = [randn(rng, p.shape, 0.1) for p in layer.params]
+    compare(layer.type, layer.attrs, params, [randn(rng, s) for s in shapes])

@@ -27,9 +27,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 
 
-def make_solver_param(net: str, source: str, batch: int, crop: int | None) -> object:
-    """The zoo net's solver with the train Data layer pointed at ``source`` and no tests,
-    displays or snapshots (nothing but the iterations is timed)."""
+def make_solver_param(
+    net: str, source: str, batch: int, crop: int | None, mean_file: str
+) -> object:
+    """The zoo net's solver with the train Data layer pointed at ``source`` (and at
+    ``mean_file`` if it subtracts one) and no tests, displays or snapshots (nothing but the
+    iterations is timed)."""
     from nincc import caffe_pb2, load_net_param
 
     net_param = load_net_param(str(REPO / net))
@@ -40,6 +43,8 @@ def make_solver_param(net: str, source: str, batch: int, crop: int | None) -> ob
             layer.data_param.backend = caffe_pb2.DataParameter.LMDB
             if crop:
                 layer.transform_param.crop_size = crop
+            if layer.transform_param.mean_file:
+                layer.transform_param.mean_file = mean_file
     sp = caffe_pb2.SolverParameter()
     sp.net_param.CopyFrom(net_param)
     sp.base_lr, sp.momentum, sp.lr_policy = 0.001, 0.9, "fixed"
@@ -98,13 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     import nincc  # noqa: F401 - applies nincc's XLA flags before the first computation
+    from nincc.data.convert import write_mean
     from nincc.loop import Solver
 
     shape = tuple(int(s) for s in args.shape.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         db = str(Path(tmp) / "train_lmdb")
         write_lmdb(db, args.records, shape, args.uint8)
-        sp = make_solver_param(args.net, db, args.batch, args.crop)
+        mean = str(Path(tmp) / "mean.binaryproto")
+        write_mean(np.full((1, *shape), 100.0, np.float32), mean)
+        sp = make_solver_param(args.net, db, args.batch, args.crop, mean)
         solvers = {
             "lmdb": Solver(sp, synthetic=False, seed=1),
             "synthetic": Solver(sp, synthetic=True, seed=1),
