@@ -234,6 +234,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a supervised worker reruns it
+    code = _run(args)
+    from .parallel import exit_worker
+
+    exit_worker(code)  # a failed worker of a multi-process job leaves at once
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return COMMANDS[args.command][0](args)
     except NinccError as e:

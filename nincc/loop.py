@@ -22,6 +22,7 @@ import os
 import secrets
 import signal
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -259,10 +260,20 @@ class Feeder:
     Synthetic inputs are drawn per forward from a generator seeded by (seed, phase, index), so a
     resumed run sees exactly the inputs of an uninterrupted one. Labels are integers below the
     class count; other inputs are standard normal.
+
+    With a data-parallel ``shard`` (nincc.data.Shard) the arrays hold the rows of the shard's
+    ranks, rank after rank: records of the sources by Caffe's ``i % world`` rule, synthetic rows
+    from one generator per rank (seeded by (seed, phase, index, rank)).
     """
 
-    def __init__(self, graph: Graph, net_param: Any, synthetic: bool, seed: int, what: str):
+    def __init__(
+        self, graph: Graph, net_param: Any, synthetic: bool, seed: int, what: str,
+        shard: Any = None,
+    ):
+        from .data.sources import WHOLE
+
         self.fed = _fed_blobs(graph)
+        self.shard = shard or WHOLE
         self.synthetic, self.seed = synthetic, seed
         self.phase_tag = 0 if graph.phase == "TRAIN" else 1
         self.labels = _label_classes(graph) if synthetic else {}
@@ -271,7 +282,7 @@ class Feeder:
             return
         from .data import Prefetcher, sources_for
 
-        sources = sources_for(graph, net_param, seed=seed)
+        sources = sources_for(graph, net_param, seed=seed, shard=self.shard)
         provided = {t for s in sources for t in s.tops}
         missing = [b for b in self.fed if b not in provided]
         if missing:
@@ -285,16 +296,24 @@ class Feeder:
             )
         self.sources = [Prefetcher(s) for s in sources]
 
+    def _synthetic(self, seed: list[int]) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        out = {}
+        for blob, (shape, _) in self.fed.items():
+            if blob in self.labels:
+                out[blob] = rng.integers(0, self.labels[blob], shape).astype(np.float32)
+            else:
+                out[blob] = rng.standard_normal(shape, dtype=np.float32)
+        return out
+
     def next(self, index: int) -> dict[str, np.ndarray]:
         if self.synthetic:
-            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.phase_tag, index])
-            out = {}
-            for blob, (shape, _) in self.fed.items():
-                if blob in self.labels:
-                    out[blob] = rng.integers(0, self.labels[blob], shape).astype(np.float32)
-                else:
-                    out[blob] = rng.standard_normal(shape, dtype=np.float32)
-            return out
+            seed = [self.seed & 0xFFFFFFFF, self.phase_tag, index]
+            if self.shard.whole:
+                return self._synthetic(seed)
+            ranks = range(self.shard.first, self.shard.first + self.shard.count)
+            parts = [self._synthetic([*seed, r]) for r in ranks]
+            return {b: np.concatenate([p[b] for p in parts]) for b in parts[0]}
         feeds: dict[str, np.ndarray] = {}
         for s in self.sources:
             feeds.update(s.next())
@@ -402,6 +421,13 @@ def _all_finite(tree) -> Any:
 # ============================================================================ the solver
 
 
+class _WarningsOnly(logging.LoggerAdapter):
+    """A logger that passes warnings and errors only (processes other than 0 in a job)."""
+
+    def isEnabledFor(self, level: int) -> bool:  # noqa: N802 - logging's name
+        return level >= logging.WARNING and self.logger.isEnabledFor(level)
+
+
 @contextmanager
 def _signals(solver: Solver) -> Iterator[None]:
     """SIGINT/SIGTERM: snapshot and stop after the current iteration (Caffe's sigint_effect
@@ -437,6 +463,11 @@ class Solver:
     ``solve()`` runs to ``max_iter``; ``step(n)`` runs n iterations; ``restore(path)`` resumes
     from a .solverstate; ``snapshot()`` writes the weights and solver state. ``params`` and
     ``opt_state`` are the live pytrees (``{layer: [blobs]}`` and the solver's CaffeState).
+
+    With ``parallel`` (a nincc.parallel.DataParallel layout) the train net runs data-parallel:
+    ``batch_size`` is per device (``split_batch`` divides it over the devices instead), params
+    and state are replicated global arrays, each process reads its own shard of the data, and
+    only process 0 tests, writes snapshots and reports (``is_main``).
     """
 
     def __init__(
@@ -451,13 +482,26 @@ class Solver:
         progress: Progress | None = None,
         log: logging.Logger = LOG,
         fast: bool = True,
+        parallel: Any = None,
+        split_batch: bool = False,
     ):
         from . import compile as compile_net
         from .build import build_graph
         from .solver import SolverConfig
 
+        self.parallel = parallel
+        if not self.is_main:  # only process 0 reports
+            log, metrics, progress = _WarningsOnly(log, {}), None, None
         self.sp, self.solver_path, self.log = sp, solver_path, log
         train, tests = solver_nets(sp, solver_path)
+        if parallel is not None and split_batch:
+            from dataclasses import replace
+
+            from .parallel import split_batch as split
+
+            net_param = split(train.net_param, parallel.world, train.phase, train.level,
+                              train.stages)
+            train = replace(train, net_param=net_param)
         self._train_spec, self._test_specs = train, tests
         self.cfg = SolverConfig.from_proto(sp)
         if seed is None:
@@ -479,16 +523,22 @@ class Solver:
         self.graph = self.net.graph
         if not self.net.has_loss:
             log.warning("the train net has no loss layer: nothing to minimise")
-        self.trainer = Trainer(self.net, self.cfg, [b for b, _, _ in output_blobs(self.graph)])
-        self.params = self.net.init(seed)
+        outputs = [b for b, _, _ in output_blobs(self.graph)]
+        if parallel is None:
+            self.trainer = Trainer(self.net, self.cfg, outputs)
+        else:
+            self.trainer = parallel.trainer(self.net, self.cfg, outputs)
+        self.params = self._place(self.net.init(seed))
         self.opt_state = self.trainer.init(self.params)
         self.iter = 0
-        self.feeder = Feeder(self.graph, train.net_param, synthetic, seed, "the train net")
+        shard = parallel.shard if parallel is not None else None
+        self.feeder = Feeder(self.graph, train.net_param, synthetic, seed, "the train net", shard)
         self.test_nets = [build(s) for s in tests]
+        # Test nets run on process 0 only (Caffe's root solver), on one device.
         self.test_feeders = [
             Feeder(n.graph, s.net_param, synthetic, seed, f"test net #{i}")
             for i, (n, s) in enumerate(zip(self.test_nets, tests, strict=True))
-        ]
+        ] if self.is_main else []
         self._test_fns = [_forward_fn(n) for n in self.test_nets]
         self._test_own = [
             {k: v for k, v in n.init(seed).items() if k not in self.params} for n in self.test_nets
@@ -497,12 +547,27 @@ class Solver:
         self._feed_count = 0
         self._train_forward: Callable | None = None
         first = [s[0] for s, _ in self.feeder.fed.values() if s]
-        self.batch = first[0] if first else 0
+        self.batch = (first[0] if first else 0) * (parallel.world if parallel is not None else 1)
         self._request: str | None = None
         self.requested_early_exit = False
         self.last_snapshot: str | None = None
         self.losses: list[np.float32] = []
         self.smoothed_loss = np.float32(0)
+
+    # ---------------------------------------------------------------- placement
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process tests, logs and writes snapshots (always, unless process > 0)."""
+        return self.parallel is None or self.parallel.is_main
+
+    def _place(self, tree: Any) -> Any:
+        """Host values → the trainer's arrays (replicated on every device when parallel)."""
+        return tree if self.parallel is None else self.parallel.replicate(tree)
+
+    def _host(self, tree: Any) -> Any:
+        """The trainer's arrays → values this process can read (its own replica)."""
+        return tree if self.parallel is None else self.parallel.host(tree)
 
     # ---------------------------------------------------------------- weights and state
 
@@ -510,13 +575,15 @@ class Solver:
         """Fine-tune: copy comma-separated weights files into the train and test nets by name."""
         from .caffemodel import load_params
 
+        params = self._host(self.params)
         for path in [p for p in spec.split(",") if p]:
             self.log.info("Finetuning from %s", path)
             stored = load_params(path)
-            self.params = copy_weights(self.params, self.graph, stored, path, self.log)
+            params = copy_weights(params, self.graph, stored, path, self.log)
             for i, net in enumerate(self.test_nets):
                 own = copy_weights(self._test_own[i], net.graph, stored, path, _QUIET)
-                self._test_own[i] = {k: v for k, v in own.items() if k not in self.params}
+                self._test_own[i] = {k: v for k, v in own.items() if k not in params}
+        self.params = self._place(params)
         self.opt_state = self.trainer.init(self.params)
 
     def restore(self, state_path: str) -> None:
@@ -535,23 +602,40 @@ class Solver:
                         "relative to the working directory, as in Caffe)"
                     )
                 weights = beside
-            self.params = copy_weights(self.params, self.graph, load_params(weights), weights,
-                                       _QUIET)
+            params = copy_weights(self._host(self.params), self.graph, load_params(weights),
+                                  weights, _QUIET)
+            self.params = self._place(params)
         shapes = self.graph.param_shapes()
         two = self.cfg.type in ("AdaDelta", "Adam")
         hist, hist2 = history_trees(snap.history, shapes, two, state_path)
         self.iter = int(snap.iter)
         self._feed_count = self.iter * self.cfg.iter_size  # synthetic inputs continue in step
-        state = self.trainer.init(self.params)
-        self.opt_state = state._replace(
+        state = self.trainer.tx.init(self._host(self.params))
+        self.opt_state = self._place(state._replace(
             iter=jnp.asarray(self.iter, jnp.int32),
             history=_on_device(hist),
             history2=_on_device(hist2) if hist2 is not None else None,
+        ))
+
+    def _check_replicas(self) -> None:
+        """In a multi-process job: every process starts from the same iteration, weights and
+        history (the same seed, weights file or snapshot), or all stop with one line."""
+        if self.parallel is None or not self.parallel.distributed:
+            return
+        from .parallel import job_digest
+
+        s = self.opt_state
+        held = self._host((self.params, s.history, s.history2))
+        leaves = [np.ascontiguousarray(a).tobytes() for a in jax.tree_util.tree_leaves(held)]
+        self.parallel.check_same(
+            "starting states (iteration, weights, solver history)", job_digest(self.iter, *leaves)
         )
 
     def check_snapshot_dir(self) -> None:
         """Fail before training if snapshots cannot be written (Caffe's write-permission probe);
-        a missing directory is created."""
+        a missing directory is created. Only process 0 writes snapshots."""
+        if not self.is_main:
+            return
         directory = os.path.dirname(self.snapshot_prefix) or "."
         try:
             os.makedirs(directory, exist_ok=True)
@@ -572,10 +656,14 @@ class Solver:
             ) from None
 
     def snapshot(self) -> tuple[str, str]:
-        """Write ``<prefix>_iter_<N>.caffemodel`` and ``.solverstate`` (``.h5`` for HDF5)."""
+        """Write ``<prefix>_iter_<N>.caffemodel`` and ``.solverstate`` (``.h5`` for HDF5).
+
+        Every process checks its replica for NaN; only process 0 writes (all return the paths).
+        """
         from .caffemodel import write_caffemodel, write_caffemodel_h5
 
-        if not bool(_all_finite(self.params)):
+        params = self._host(self.params)
+        if not bool(_all_finite(params)):
             raise SolverError(
                 f"iteration {self.iter}: the weights hold NaN or Inf; not writing a snapshot "
                 f"(last good snapshot: {self.last_snapshot or 'none'})"
@@ -583,15 +671,18 @@ class Solver:
         ext = ".h5" if self.snapshot_hdf5 else ""
         model = snapshot_filename(self.snapshot_prefix, self.iter, ".caffemodel" + ext)
         state = snapshot_filename(self.snapshot_prefix, self.iter, ".solverstate" + ext)
+        if not self.is_main:
+            self.last_snapshot = state
+            return model, state
         kind = "HDF5 file" if self.snapshot_hdf5 else "binary proto file"
         self.log.info("Snapshotting to %s %s", kind, model)
         definition = _definition(self.graph, self._train_spec.net_param)
-        weights = full_params(self.graph, self.params)
+        weights = full_params(self.graph, params)
         (write_caffemodel_h5 if self.snapshot_hdf5 else write_caffemodel)(
             model, definition, weights
         )
         order = history_order(self.graph.param_shapes())
-        s = self.opt_state
+        s = self._host(self.opt_state)
         history = history_list(s.history, s.history2, order)
         self.log.info("Snapshotting solver state to %s %s", kind, state)
         snap = SolverSnapshot(self.iter, model, history, current_step(self.cfg, self.iter))
@@ -605,15 +696,16 @@ class Solver:
         """Test net ``i``'s params: the train net's layers by name (ShareTrainedLayersWith)."""
         out = dict(self._test_own[i])
         shapes = self.test_nets[i].graph.param_shapes()
+        params = self._host(self.params)
         for name, want in shapes.items():
-            if name in self.params:
-                have = [tuple(np.shape(a)) for a in self.params[name]]
+            if name in params:
+                have = [tuple(np.shape(a)) for a in params[name]]
                 if have != [tuple(s) for s in want]:
                     raise SolverError(
                         f"layer '{name}' has blobs {have} in the train net but {want} in test "
                         f"net #{i}; shared layers need equal shapes"
                     )
-                out[name] = self.params[name]
+                out[name] = params[name]
         return out
 
     def test(self, i: int) -> dict[str, float] | None:
@@ -625,7 +717,13 @@ class Solver:
         sums: list[np.ndarray] | None = None
         loss = 0.0
         for _ in range(n):
-            if self._request == "snapshot":
+            if self.parallel is not None:
+                # The other processes wait in the next step: a request stays pending and rides
+                # on that step, so all of them act on it together.
+                if self._request == "stop":
+                    self.log.info("Test interrupted.")
+                    return None
+            elif self._request == "snapshot":
                 self._request = None
                 self.snapshot()
             if self._request == "stop":
@@ -650,7 +748,9 @@ class Solver:
         return results
 
     def test_all(self) -> list[dict[str, float] | None]:
-        out = []
+        out: list[dict[str, float] | None] = []
+        if not self.is_main:
+            return out
         for i in range(len(self.test_nets)):
             if self.requested_early_exit:
                 break
@@ -696,8 +796,14 @@ class Solver:
                     break
             show = display > 0 and self.iter % display == 0
             t0 = time.perf_counter()
+            extra = {}
+            if self.parallel is not None:  # this process's request rides on the step
+                from .parallel import REQUESTS
+
+                pending, self._request = self._request, None
+                extra["request"] = REQUESTS[pending]
             self.params, self.opt_state, res = self.trainer.step(
-                self.params, self.opt_state, self._next_feeds(), self.rng, it=self.iter
+                self.params, self.opt_state, self._next_feeds(), self.rng, it=self.iter, **extra
             )
             loss, rate, outputs = res.loss, res.rate, res.outputs
             if not math.isfinite(loss):
@@ -734,7 +840,12 @@ class Solver:
                     self.iter, stop_iter, float(self.smoothed_loss), rate,
                     images / ema if ema else 0.0, (stop_iter - self.iter) * ema,
                 ))
-            request, self._request = self._request, None
+            if self.parallel is not None:  # what all processes asked, agreed in the step
+                from .parallel import REQUEST_NAMES
+
+                request = REQUEST_NAMES.get(res.request)
+            else:
+                request, self._request = self._request, None
             snap_every = self.sp.snapshot
             if (snap_every and self.iter % snap_every == 0) or request == "snapshot":
                 self.snapshot()
@@ -753,6 +864,7 @@ class Solver:
         if resume:
             self.restore(resume)
         stop = self.sp.max_iter if max_iter is None else max_iter
+        self._check_replicas()
         if self.sp.snapshot or self.sp.snapshot_after_train:
             self.check_snapshot_dir()
         start_iter = self.iter
@@ -765,7 +877,7 @@ class Solver:
                 self.log.info("Optimization stopped early.")
                 return self.iter
             display = int(self.sp.display)
-            if display and self.iter % display == 0:
+            if display and self.iter % display == 0 and self.is_main:
                 loss = self._final_loss()
                 self._update_smoothed(loss, start_iter)
                 self.log.info("Iteration %d, loss = %s", self.iter, num(self.smoothed_loss))
@@ -786,8 +898,11 @@ class Solver:
             self._train_forward = _forward_fn(self.net)
         feeds = self.feeder.next(self._feed_count)
         self._feed_count += 1
+        if self.parallel is not None:  # this process's first device's rows
+            n = self.parallel.local_count
+            feeds = {k: v[: len(v) // n] for k, v in feeds.items()}
         key = jax.random.fold_in(jax.random.fold_in(self.rng, 0), self.iter)
-        _, loss = self._train_forward(self.params, feeds, key)
+        _, loss = self._train_forward(self._host(self.params), feeds, key)
         return float(loss)
 
 
@@ -984,16 +1099,34 @@ def _command_log(progress_line: bool = False) -> Iterator[tuple[logging.Logger, 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train a net with its Caffe solver (resume with --snapshot, fine-tune with --weights)."""
+    """Train a net with its Caffe solver (resume with --snapshot, fine-tune with --weights);
+    data-parallel over --devices, and over processes with --coordinator (nincc.parallel)."""
+    from . import parallel as par
+
     if args.snapshot and args.weights:
         raise SolverError(
             "give a snapshot to resume training or weights to fine-tune, not both (as Caffe)"
         )
+    cluster = par.cluster_from(
+        args.coordinator, args.num_processes, args.process_id, args.init_timeout,
+        args.heartbeat_timeout,
+    )
+    if cluster is not None:
+        if par.ENV_WORKER not in os.environ:  # this process supervises; a worker trains
+            return par.supervise(getattr(args, "argv", None) or sys.argv[1:], cluster)
+        par.become_worker()
+        par.initialize(cluster)
+    dp = None
+    if cluster is not None or args.devices is not None:
+        dp = par.DataParallel(args.devices or "all")
+        if dp.world == 1 and not dp.distributed:
+            dp = None  # one device: the plain step is the same computation
     sp, solver_path = resolve_solver(args.target, args.solver)
-    metrics = MetricsWriter(args.metrics) if args.metrics else None
+    main = dp is None or dp.is_main
+    metrics = MetricsWriter(args.metrics) if args.metrics and main else None
     try:
-        with _command_log(not args.no_progress) as (log, progress):
-            _train(args, sp, solver_path, log, progress, metrics)
+        with _command_log(not args.no_progress and main) as (log, progress):
+            _train(args, sp, solver_path, log, progress, metrics, dp)
     finally:
         if metrics is not None:
             metrics.close()
@@ -1002,16 +1135,41 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train(
     args: argparse.Namespace, sp: Any, solver_path: str, log: logging.Logger,
-    progress: Progress | None, metrics: MetricsWriter | None,
+    progress: Progress | None, metrics: MetricsWriter | None, dp: Any = None,
 ) -> None:
+    seed = args.seed
+    if dp is not None and dp.distributed:
+        from . import __version__
+        from .parallel import job_digest
+
+        if seed is None:  # every process initialises the weights from process 0's seed
+            seed = int(sp.random_seed) if sp.random_seed >= 0 else secrets.randbits(31)
+            seed = dp.agree_seed(seed)
+        train, tests = solver_nets(sp, solver_path)
+        dp.check_same(
+            "nets, solvers or options",
+            job_digest(
+                __version__, sp, train.net_param, *[t.net_param for t in tests], dp.local_count,
+                args.split_batch, args.synthetic, seed, args.max_iter, args.input_shape,
+                args.stage, args.level, args.reference_lowerings, bool(args.snapshot),
+                bool(args.weights),
+            ),
+        )
     solver = Solver(
-        sp, solver_path, synthetic=args.synthetic, seed=args.seed,
+        sp, solver_path, synthetic=args.synthetic, seed=seed,
         input_shapes=_input_shapes(args.input_shape), metrics=metrics, progress=progress, log=log,
-        fast=not args.reference_lowerings,
+        fast=not args.reference_lowerings, parallel=dp, split_batch=args.split_batch,
     )
     try:
         if args.seed is None and sp.random_seed < 0:
-            log.info("Random seed %d (pass --seed %d to repeat this run)", solver.seed, solver.seed)
+            solver.log.info("Random seed %d (pass --seed %d to repeat this run)", solver.seed,
+                            solver.seed)
+        if dp is not None:
+            solver.log.info(
+                "Data-parallel on %s: %d images per iteration (batch %d per device x %d x "
+                "iter_size %d)", dp.describe(), solver.batch * solver.cfg.iter_size,
+                solver.batch // dp.world, dp.world, solver.cfg.iter_size,
+            )
         weights = args.weights or (",".join(sp.weights) if not args.snapshot else "")
         if weights:
             solver.copy_weights(weights)
@@ -1092,6 +1250,34 @@ def _state_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _parallel_args(p: argparse.ArgumentParser) -> None:
+    from .parallel import DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_INIT_TIMEOUT
+
+    g = p.add_argument_group(
+        "data-parallel training",
+        "batch_size in the prototxt is per device, as in Caffe's multi-GPU training; the update "
+        "equals one device's with the combined batch. Several machines: one command per "
+        "process, e.g. --coordinator host0:1234 --num-processes 2 --process-id 0 (or "
+        "NINCC_COORDINATOR, NINCC_NUM_PROCESSES, NINCC_PROCESS_ID; --coordinator auto reads a "
+        "SLURM or Open MPI job). Process 0 logs, tests and writes snapshots.",
+    )
+    g.add_argument("--devices", metavar="N|all",
+                   help="train on N local devices (per process) or all of them")
+    g.add_argument("--split-batch", action="store_true",
+                   help="read the prototxt's batch_size as the combined batch of all devices "
+                   "(it must divide evenly)")
+    g.add_argument("--coordinator", metavar="HOST:PORT|auto",
+                   help="process 0's address and a free port (process 0 serves it)")
+    g.add_argument("--num-processes", type=int, metavar="N", help="processes in the job")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
+    g.add_argument("--init-timeout", type=float, metavar="S",
+                   help=f"seconds to wait for the coordinator and all processes "
+                   f"(default {DEFAULT_INIT_TIMEOUT:g})")
+    g.add_argument("--heartbeat-timeout", type=int, metavar="S",
+                   help=f"seconds of silence after which a process counts as dead "
+                   f"(default {DEFAULT_HEARTBEAT_TIMEOUT})")
+
+
 def add_train_parsers(subparsers: Any) -> None:
     """Register the train, test, time and plot sub-commands on an argparse subparsers object."""
     p = subparsers.add_parser("train", help=TRAIN_COMMANDS["train"][1])
@@ -1110,6 +1296,7 @@ def add_train_parsers(subparsers: Any) -> None:
     p.add_argument("--metrics", help="append JSON lines (iter, loss, lr, images/s, tests) here")
     p.add_argument("--no-progress", action="store_true", help="no progress line on a terminal")
     _state_args(p)
+    _parallel_args(p)
     p = subparsers.add_parser("test", help=TRAIN_COMMANDS["test"][1])
     p.add_argument("net", help="net prototxt (TEST phase)")
     p.add_argument("--weights", help="weights file(s), comma-separated")

@@ -39,6 +39,16 @@ class StepResult:
     rate: float
     losses: list[float]
     outputs: dict[str, Any] = field(default_factory=dict)
+    # Data-parallel steps: the largest stop/snapshot request any process made (nincc.parallel).
+    request: int = 0
+
+
+def _stack(arrays: Sequence[Any]) -> Any:
+    """The iter_size feeds of one blob as one float32 array: stacked on the host when they are
+    host arrays (one transfer, no extra dispatch), else on the device."""
+    if all(isinstance(a, np.ndarray) for a in arrays):
+        return np.stack([np.asarray(a, np.float32) for a in arrays])
+    return jnp.stack([jnp.asarray(a, jnp.float32) for a in arrays])
 
 
 def caffe_mean_loss(losses: Sequence[float]) -> float:
@@ -69,8 +79,16 @@ class Trainer:
     def init(self, params: Mapping[str, Sequence[Any]]) -> CaffeState:
         return self.tx.init(params)
 
-    def _step_impl(self, params, opt_state, feeds, keys):
+    def _passes(self, params, feeds, keys):
+        """The iter_size forward/backward passes of one iteration (traceable).
+
+        Returns ``(params, grads, losses, outputs, state_layers)``: params with the blobs
+        forward updates (BatchNorm statistics) as the last pass left them, the gradients summed
+        over the passes, each pass's loss, the last pass's ``outputs`` and the names of the
+        layers whose blobs forward updated.
+        """
         graph, fast, outputs = self.net.graph, self.net.fast, self._outputs
+        state_layers: set[str] = set()
 
         def loss_fn(p, f, k):
             env, state = run_graph(graph, p, f, k, fast=fast)
@@ -83,13 +101,18 @@ class Trainer:
             acc = jax.tree_util.tree_map(jnp.add, acc, g)
             for name, arrays in state.items():
                 p = {**p, name: list(arrays)}
+                state_layers.add(name)
             return (p, acc), (loss, outs)
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
         (params, grads), (losses, outs) = unrolled_scan(one, (params, zeros), (feeds, keys))
+        last = jax.tree_util.tree_map(lambda x: x[-1], outs)
+        return params, grads, losses, last, sorted(state_layers)
+
+    def _step_impl(self, params, opt_state, feeds, keys):
+        params, grads, losses, last, _ = self._passes(params, feeds, keys)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        last = jax.tree_util.tree_map(lambda x: x[-1], outs)
         return params, opt_state, losses, last
 
     def step(
@@ -107,7 +130,7 @@ class Trainer:
         it = int(opt_state.iter) if it is None else it
         rate = learning_rate(self.cfg, it)
         opt_state = opt_state._replace(rate=jnp.asarray(rate))
-        stacked = {k: jnp.stack([jnp.asarray(f[k], jnp.float32) for f in feeds]) for k in feeds[0]}
+        stacked = {k: _stack([f[k] for f in feeds]) for k in feeds[0]}
         base = jax.random.PRNGKey(0) if rng is None else rng
         keys = jax.random.split(jax.random.fold_in(base, it), len(feeds))
         params, opt_state, losses, outputs = self._step(params, opt_state, stacked, keys)

@@ -16,6 +16,7 @@ from .sources import (
     HDF5Source,
     ImageDataSource,
     MemorySource,
+    Shard,
     source_for_layer,
     sources_for,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "MemorySource",
     "Prefetcher",
     "Record",
+    "Shard",
     "TransformParam",
     "Writer",
     "iter_records",

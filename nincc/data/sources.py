@@ -6,12 +6,17 @@ order (wrapping around at the end, as Caffe's layers do). The compiled net never
 Layer types: Data (LMDB/LevelDB Datum records), ImageData (a list of image files), HDF5Data,
 MemoryData (arrays handed over with ``MemorySource.reset``/``add``). Input and DummyData need no
 source (Input is fed by the caller, DummyData is generated inside the compiled net).
+
+Data-parallel training reads a :class:`Shard` of each source: Caffe's rule for several solvers
+(DataLayer::Skip, HDF5DataLayer::Skip), record ``i`` of the stream goes to rank ``i % world``;
+nincc applies the same rule to ImageData and MemoryData.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,16 +31,73 @@ from .transform import DataTransformer, TransformParam
 NO_TRANSFORM = TransformParam()
 
 
+@dataclass(frozen=True)
+class Shard:
+    """The consecutive ranks ``first .. first + count - 1`` of ``world`` data-parallel ranks.
+
+    Caffe gives record ``i`` of a source (counted from the start, across wrap-arounds) to rank
+    ``i % world``, each rank filling its own batch of ``batch_size`` records. Every batch of the
+    ranks together is then exactly the batch of one reader with ``world * batch_size`` records
+    (the same records, in another row order), so the gradient summed over ranks equals the
+    combined batch's. A process that drives several ranks reads them with one source: its batch
+    holds ``count * batch_size`` rows, rank by rank (rows of rank ``first`` first).
+    """
+
+    first: int = 0
+    count: int = 1
+    world: int = 1
+
+    def __post_init__(self) -> None:
+        if not (self.world >= 1 and self.count >= 1 and 0 <= self.first
+                and self.first + self.count <= self.world):
+            raise DataError(
+                f"a data shard needs 0 <= first < first + count <= world, got ranks "
+                f"{self.first}..{self.first + self.count - 1} of {self.world}"
+            )
+
+    @property
+    def whole(self) -> bool:
+        """Whether the shard is the whole stream (one rank)."""
+        return self.world == 1
+
+    def keeps(self, offset: int) -> bool:
+        """Whether record number ``offset`` of the stream belongs to this shard's ranks."""
+        return self.first <= offset % self.world < self.first + self.count
+
+    def arrange(self, items: list) -> list:
+        """Records in reading order (round by round, ranks ascending in each) → rank by rank."""
+        if self.count == 1:
+            return items
+        return [items[j * self.count + r] for r in range(self.count)
+                for j in range(len(items) // self.count)]
+
+
+WHOLE = Shard()
+
+
 class BatchSource:
     """One data layer's stream of batches.
 
     Subclasses implement ``produce()``; ``next()`` checks the first batch against ``expect``
-    (blob name → shape the net was built for) when it is set.
+    (blob name → shape the net was built for) when it is set. A source built with a
+    :class:`Shard` returns the rows of the shard's ranks only (``count * batch`` rows).
     """
 
     layer: str = ""
     tops: tuple[str, ...] = ()
     expect: dict[str, tuple[int, ...]] | None = None
+    shard: Shard = WHOLE
+    offset: int = 0  # records of the stream passed so far (read or skipped)
+
+    def _shard_rows(self, batch: int) -> int:
+        """Rows one batch of this source holds: ``batch`` per rank of its shard."""
+        return batch * self.shard.count
+
+    def _kept(self, advance: Any) -> None:
+        """Skip (``advance()``, one record each) the records of other ranks before the next."""
+        while not self.shard.keeps(self.offset):
+            advance()
+            self.offset += 1
 
     def produce(self) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -66,6 +128,12 @@ class BatchSource:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _transform_rng(seed: int, shard: Shard) -> np.random.Generator:
+    """The generator of a source's random crops and mirrors: its own stream per rank, as each of
+    Caffe's solvers seeds its own transformer (the record order does not depend on it)."""
+    return np.random.default_rng(seed if shard.whole else [seed, shard.first])
 
 
 def _labels(values: Sequence[int]) -> np.ndarray:
@@ -103,23 +171,27 @@ class DataSource(BatchSource):
         transform: TransformParam = NO_TRANSFORM,
         phase: str = "TEST",
         seed: int = 0,
+        shard: Shard = WHOLE,
     ):
         if batch <= 0:
             raise DataError(f"layer '{layer}': batch_size must be > 0, got {batch}")
-        self.layer, self.tops, self.batch = layer, tuple(tops), batch
+        self.layer, self.tops, self.batch, self.shard = layer, tuple(tops), batch, shard
         self.where = f"layer '{layer}'"
         self.cursor = Cursor(source, backend_name(backend), self.where)
-        self.transformer = DataTransformer(transform, phase, np.random.default_rng(seed), layer)
+        self.transformer = DataTransformer(transform, phase, _transform_rng(seed, shard), layer)
         self.decode = transform.decode_mode
 
     def produce(self) -> dict[str, np.ndarray]:
         arrays, labels, keys = [], [], []
-        for _ in range(self.batch):
+        for _ in range(self._shard_rows(self.batch)):
+            self._kept(self.cursor.next)
             key, value = self.cursor.next()
+            self.offset += 1
             rec = parse_datum(value, f"{self.where}: record {key!r}", self.decode)
             arrays.append(rec.array)
             labels.append(rec.label)
             keys.append(repr(key))
+        arrays, labels, keys = (self.shard.arrange(x) for x in (arrays, labels, keys))
         out = {self.tops[0]: self.transformer(_stack(arrays, keys, self.where))}
         if len(self.tops) > 1:
             out[self.tops[1]] = _labels(labels)
@@ -154,8 +226,9 @@ class ImageDataSource(BatchSource):
         transform: TransformParam = NO_TRANSFORM,
         phase: str = "TEST",
         seed: int = 0,
+        shard: Shard = WHOLE,
     ):
-        self.layer, self.tops, self.batch = layer, tuple(tops), batch
+        self.layer, self.tops, self.batch, self.shard = layer, tuple(tops), batch, shard
         self.where = f"layer '{layer}'"
         if batch <= 0:
             raise DataError(f"{self.where}: batch_size must be > 0, got {batch}")
@@ -174,8 +247,11 @@ class ImageDataSource(BatchSource):
             raise DataError(f"{self.where}: image list '{listfile}' names no images")
         self.root, self.size, self.is_color = root_folder, (new_height, new_width), is_color
         self.shuffle = shuffle
+        # Every rank shuffles with the same generator (so the ranks share one permutation and
+        # each takes its own records of it); with a shard the transforms draw from their own.
         self.rng = np.random.default_rng(seed)
-        self.transformer = DataTransformer(transform, phase, self.rng, layer)
+        trng = self.rng if shard.whole else _transform_rng(seed, shard)
+        self.transformer = DataTransformer(transform, phase, trng, layer)
         if shuffle:
             self._shuffle()
         self.pos = 0
@@ -197,18 +273,24 @@ class ImageDataSource(BatchSource):
         img = read_image(path, self.is_color, *self.size)
         return np.ascontiguousarray(img.transpose(2, 0, 1))
 
+    def _advance(self) -> None:
+        self.pos += 1
+        if self.pos >= len(self.lines):
+            self.pos = 0
+            if self.shuffle:
+                self._shuffle()
+
     def produce(self) -> dict[str, np.ndarray]:
         arrays, labels, names = [], [], []
-        for _ in range(self.batch):
+        for _ in range(self._shard_rows(self.batch)):
+            self._kept(self._advance)
             name, label = self.lines[self.pos]
             arrays.append(self._read(name))
             labels.append(label)
             names.append(repr(name))
-            self.pos += 1
-            if self.pos >= len(self.lines):
-                self.pos = 0
-                if self.shuffle:
-                    self._shuffle()
+            self._advance()
+            self.offset += 1
+        arrays, labels, names = (self.shard.arrange(x) for x in (arrays, labels, names))
         out = {self.tops[0]: self.transformer(_stack(arrays, names, self.where))}
         if len(self.tops) > 1:
             out[self.tops[1]] = _labels(labels)
@@ -235,12 +317,13 @@ class HDF5Source(BatchSource):
         batch: int,
         shuffle: bool = False,
         seed: int = 0,
+        shard: Shard = WHOLE,
     ):
         try:
             import h5py  # noqa: F401
         except ImportError:
             raise DataError("HDF5Data layers need h5py: pip install 'nincc[data]'") from None
-        self.layer, self.tops, self.batch = layer_name, tuple(tops), batch
+        self.layer, self.tops, self.batch, self.shard = layer_name, tuple(tops), batch, shard
         self.where = f"layer '{layer_name}'"
         if batch <= 0:
             raise DataError(f"{self.where}: batch_size must be > 0, got {batch}")
@@ -315,12 +398,14 @@ class HDF5Source(BatchSource):
 
     def produce(self) -> dict[str, np.ndarray]:
         out: dict[str, list] = {t: [] for t in self.tops}
-        for _ in range(self.batch):
+        for _ in range(self._shard_rows(self.batch)):
+            self._kept(self._advance)
             r = self.row_order[self.row]
             for t in self.tops:
                 out[t].append(self.data[t][r])
             self._advance()
-        return {t: np.stack(v) for t, v in out.items()}
+            self.offset += 1
+        return {t: np.stack(self.shard.arrange(v)) for t, v in out.items()}
 
 
 # ---------------------------------------------------------------- MemoryData
@@ -344,8 +429,10 @@ class MemorySource(BatchSource):
         transform: TransformParam = NO_TRANSFORM,
         phase: str = "TEST",
         seed: int = 0,
+        shard: Shard = WHOLE,
     ):
         self.layer, self.tops, self.batch, self.shape = layer, tuple(tops), batch, tuple(shape)
+        self.shard = shard
         self.where = f"layer '{layer}'"
         if batch <= 0 or min(self.shape) <= 0:
             raise DataError(
@@ -376,7 +463,7 @@ class MemorySource(BatchSource):
                 f"{self.where}: the number of rows ({n}) must be a positive multiple of "
                 f"batch_size {self.batch}"
             )
-        self.data, self.labels, self.pos = data, labels, 0
+        self.data, self.labels, self.pos, self.offset = data, labels, 0, 0
 
     def add(self, records: np.ndarray, labels: np.ndarray) -> None:
         """Transform (n, C, H, W) records with transform_param, then use them (as reset does)."""
@@ -393,11 +480,20 @@ class MemorySource(BatchSource):
                 f"{self.where}: MemoryData has no arrays; hand them over with "
                 f"source.reset(data, labels) or source.add(records, labels) first"
             )
-        sl = slice(self.pos, self.pos + self.batch)
-        out = {self.tops[0]: self.data[sl]}
+        n = self.data.shape[0]
+        if self.shard.whole:
+            rows: Any = slice(self.pos, self.pos + self.batch)
+            self.pos = (self.pos + self.batch) % n
+        else:
+            picked = []  # record number -> row: the arrays cycle, so row = offset % n
+            for _ in range(self._shard_rows(self.batch)):
+                self._kept(lambda: None)
+                picked.append(self.offset % n)
+                self.offset += 1
+            rows = np.asarray(self.shard.arrange(picked))
+        out = {self.tops[0]: self.data[rows]}
         if len(self.tops) > 1:
-            out[self.tops[1]] = self.labels[sl]
-        self.pos = (self.pos + self.batch) % self.data.shape[0]
+            out[self.tops[1]] = self.labels[rows]
         return out
 
 
@@ -427,18 +523,26 @@ def _backend(msg) -> str:
 
 
 def source_for_layer(
-    msg: Any, tops: Sequence[str], phase: str = "TEST", seed: int = 0, type_: str | None = None
+    msg: Any,
+    tops: Sequence[str],
+    phase: str = "TEST",
+    seed: int = 0,
+    type_: str | None = None,
+    shard: Shard = WHOLE,
 ) -> BatchSource | None:
     """The batch source of one data LayerParameter; None for Input and DummyData.
 
-    ``type_`` is the layer's table type (the graph's), defaulting to ``msg.type``.
+    ``type_`` is the layer's table type (the graph's), defaulting to ``msg.type``; ``shard``
+    the data-parallel ranks whose records the source reads.
     """
     t = type_ or msg.type
     name = msg.name
     tp = TransformParam.from_proto(msg.transform_param)
     if t == "Data":
         p = msg.data_param
-        return DataSource(name, p.source, _backend(msg), p.batch_size, tops, tp, phase, seed)
+        return DataSource(
+            name, p.source, _backend(msg), p.batch_size, tops, tp, phase, seed, shard
+        )
     if t == "ImageData":
         p = msg.image_data_param
         return ImageDataSource(
@@ -455,14 +559,15 @@ def source_for_layer(
             tp,
             phase,
             seed,
+            shard,
         )
     if t == "HDF5Data":
         p = msg.hdf5_data_param
-        return HDF5Source(name, p.source, tuple(tops), p.batch_size, p.shuffle, seed)
+        return HDF5Source(name, p.source, tuple(tops), p.batch_size, p.shuffle, seed, shard)
     if t == "MemoryData":
         p = msg.memory_data_param
         shape = (p.channels, p.height, p.width)
-        return MemorySource(name, p.batch_size, shape, tops, tp, phase, seed)
+        return MemorySource(name, p.batch_size, shape, tops, tp, phase, seed, shard)
     if t in ("Input", "DummyData"):
         return None
     raise DataError(
@@ -473,12 +578,15 @@ def source_for_layer(
 _SOURCE_TYPES = ("Data", "ImageData", "HDF5Data", "MemoryData", "WindowData")
 
 
-def sources_for(graph: Graph, net_param: Any, seed: int = 0) -> list[BatchSource]:
+def sources_for(
+    graph: Graph, net_param: Any, seed: int = 0, shard: Shard = WHOLE
+) -> list[BatchSource]:
     """A batch source for each data layer of the graph that reads data, in layer order.
 
     Input and DummyData layers get none. Transforms use the graph's phase (random crops and
     mirroring in TRAIN); ``seed`` seeds the sources' random generators (layer i uses seed + i).
-    Each source's first batch is checked against the shapes the graph was built for.
+    Each source's first batch is checked against the shapes the graph was built for (the
+    graph's batch per rank: a shard of ``count`` ranks gives ``count`` times its rows).
     """
     out: list[BatchSource] = []
     for i, layer in enumerate(graph.layers):
@@ -488,9 +596,12 @@ def sources_for(graph: Graph, net_param: Any, seed: int = 0) -> list[BatchSource
         if msg is None:
             continue
         tops = _blob_names(graph, layer)
-        src = source_for_layer(msg, tops, graph.phase, seed + i, layer.type)
+        src = source_for_layer(msg, tops, graph.phase, seed + i, layer.type, shard)
         if src is not None:
-            src.expect = {graph.value(t).blob: tuple(graph.value(t).shape) for t in layer.tops}
+            src.expect = {}
+            for t in layer.tops:
+                shape = tuple(graph.value(t).shape)
+                src.expect[graph.value(t).blob] = (shape[0] * shard.count, *shape[1:])
             out.append(src)
     return out
 
