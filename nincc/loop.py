@@ -254,6 +254,53 @@ def _label_classes(graph: Graph) -> dict[str, int]:
     return out
 
 
+def _class_label_limits(graph: Graph) -> dict[str, tuple[int, set[int], str]]:
+    """Source blobs read as class indices (bottom 1 of SoftmaxWithLoss, Accuracy, ...): blob ->
+    (class count, the consumers' ignore_labels, a consumer's name). Caffe reads such a label
+    as an index without checking it; under jit an index out of range gives NaN, so the feeder
+    checks it on the host instead."""
+    from .layers import REGISTRY
+    from .layers.base import canonical_axis
+
+    sources = {vid for layer in graph.layers if REGISTRY[layer.type].source for vid in layer.tops}
+    out: dict[str, tuple[int, set[int], str]] = {}
+    for layer in graph.layers:
+        if not REGISTRY[layer.type].extra.get("class_labels") or len(layer.bottoms) < 2:
+            continue
+        vid = layer.bottoms[1]
+        if vid not in sources:
+            continue
+        scores = graph.value(layer.bottoms[0]).shape
+        axis = canonical_axis(getattr(layer.attrs, "axis", 1), len(scores), "axis")
+        k = int(scores[axis])
+        ignore = getattr(layer.attrs, "ignore_label", None)
+        blob = graph.value(vid).blob
+        prev_k, prev_ignore, name = out.get(blob, (k, set(), layer.name))
+        out[blob] = (min(k, prev_k), prev_ignore | ({ignore} if ignore is not None else set()),
+                     name)
+    return out
+
+
+def check_class_labels(
+    feeds: Mapping[str, np.ndarray], limits: Mapping[str, tuple[int, set[int], str]], where: str
+) -> None:
+    """DataError naming the first label outside [0, classes) that no ignore_label excuses."""
+    for blob, (k, ignore, layer) in limits.items():
+        labels = feeds.get(blob)
+        if labels is None:
+            continue
+        flat = np.asarray(labels).ravel()
+        bad = (flat < 0) | (flat >= k) | (flat != np.floor(flat))
+        if ignore:
+            bad &= ~np.isin(flat, sorted(ignore))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DataError(
+                f"{where}: label {flat[i]:g} at row {i} of blob '{blob}' is not a class index "
+                f"in [0, {k}) for layer '{layer}' (num_output {k}); check the data or the net"
+            )
+
+
 class Feeder:
     """The arrays fed to each forward of a net: its data sources' batches, or random arrays.
 
@@ -277,6 +324,8 @@ class Feeder:
         self.synthetic, self.seed = synthetic, seed
         self.phase_tag = 0 if graph.phase == "TRAIN" else 1
         self.labels = _label_classes(graph) if synthetic else {}
+        self.what = what
+        self.class_labels = {} if synthetic else _class_label_limits(graph)
         self.sources: list[Any] = []
         if synthetic or not self.fed:
             return
@@ -317,6 +366,7 @@ class Feeder:
         feeds: dict[str, np.ndarray] = {}
         for s in self.sources:
             feeds.update(s.next())
+        check_class_labels(feeds, self.class_labels, f"{self.what}, batch {index}")
         return feeds
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ import pytest
 
 from nincc import caffe_pb2
 from nincc.caffemodel import load_params, save_params
-from nincc.errors import InputError, NinccError, SolverError
+from nincc.errors import DataError, InputError, NinccError, SolverError
 from nincc.loop import TRAIN_COMMANDS, Solver, add_train_parsers, resolve_solver
 from nincc.metrics import Progress, curves, glog_logger, progress_text, read_metrics
 from nincc.prototxt import load_solver
@@ -658,3 +658,29 @@ def test_time_marks_the_layers_the_fast_lowerings_run(tmp_path, capsys, referenc
     tagged = {m.split("\t")[0] for m in msgs if m.endswith("[fast]")}
     assert tagged == (set() if reference else {"cccp", "pool"})
     assert any(re.fullmatch(rf"conv\tbackward: {NUM} ms\.", x) for x in msgs)
+
+
+def test_a_label_outside_the_classes_is_one_clear_error(tiny, capsys):
+    """Caffe indexes with the label unchecked; under jit that would be a NaN loss, so the
+    feeder names the label, its row and the layer instead."""
+    d, arrays = tiny
+    y = arrays["train_y"].copy()
+    y[6] = 3.0  # ip2 has num_output 3: classes 0, 1, 2
+    with h5py.File(d / "train.h5", "w") as f:
+        f["data"] = arrays["train_x"]
+        f["label"] = y
+    assert cli("train", "tiny_solver.prototxt", "--no-progress") == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("nincc: error: the train net, batch 1: label 3 at row 2 of blob 'label'")
+    assert "[0, 3)" in err and "'loss'" in err
+
+
+def test_ignore_label_is_not_an_error():
+    from nincc.loop import check_class_labels
+
+    limits = {"label": (3, {255}, "loss")}
+    check_class_labels({"label": np.array([0.0, 2.0, 255.0])}, limits, "net")
+    with pytest.raises(DataError, match="label -1 at row 1"):
+        check_class_labels({"label": np.array([0.0, -1.0])}, limits, "net")
+    with pytest.raises(DataError, match="label 1.5 at row 0"):
+        check_class_labels({"label": np.array([1.5])}, limits, "net")

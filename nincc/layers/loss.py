@@ -192,6 +192,7 @@ def _softmax_loss_lower(a: SoftmaxLossAttrs, params, bottoms, ctx):
 register(
     LayerType(
         name="SoftmaxWithLoss",
+        extra={"class_labels": True},  # bottom 1 holds class indices
         doc="softmax over softmax_param.axis, then -log(max(p[label], FLT_MIN)) summed over "
         "non-ignored labels / normalizer (VALID default; legacy normalize: false = BATCH_SIZE)",
         attrs=_softmax_loss_attrs,
@@ -323,6 +324,7 @@ def _hinge_lower(a: HingeAttrs, params, bottoms, ctx):
 register(
     LayerType(
         name="HingeLoss",
+        extra={"class_labels": True},  # bottom 1 holds class indices
         doc="one-vs-all hinge: sum_j max(0, 1 - t_j s_j) (L1) or its square (L2), / N",
         attrs=lambda m: HingeAttrs(_enum_name(m.hinge_loss_param, "norm")),
         shape=_hinge_shape,
@@ -470,6 +472,7 @@ def _mlogistic_lower(a: Any, params, bottoms, ctx):
 register(
     LayerType(
         name="MultinomialLogisticLoss",
+        extra={"class_labels": True},  # bottom 1 holds class indices
         doc="takes probabilities: -sum log(max(p[label], 1e-20)) / N",
         attrs=no_attrs,
         shape=_mlogistic_shape,
@@ -598,6 +601,7 @@ def _infogain_lower(a: InfogainAttrs, params, bottoms, ctx):
 register(
     LayerType(
         name="InfogainLoss",
+        extra={"class_labels": True},  # bottom 1 holds class indices
         doc="softmax over infogain_loss_param.axis, then -sum_k H[label, k] log(max(p_k, 1e-20)) "
         "/ normalizer; H from a BlobProto file (source) or a third bottom",
         attrs=_infogain_attrs,
@@ -660,6 +664,7 @@ def _accuracy_lower(a: AccuracyAttrs, params, bottoms, ctx):
 register(
     LayerType(
         name="Accuracy",
+        extra={"class_labels": True},  # bottom 1 holds class indices
         doc="top_k accuracy over accuracy_param.axis (classes scoring >= the true class count, "
         "so ties count against it); optional per-class top",
         attrs=lambda m: AccuracyAttrs(
