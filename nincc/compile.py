@@ -24,15 +24,16 @@ Params = dict[str, list[Any]]
 Fast = bool | Collection[str]
 
 
-def _layer_params(params: Mapping[str, Sequence[Any]], layer) -> list[Any]:
+def _layer_params(params: Mapping[str, Sequence[Any]], layer, graph: Graph) -> list[Any]:
     """The layer's blobs (shared ones from their owner). Running statistics (BatchNorm's) get
     no diff in Caffe, so they stop gradients; lr_mult 0 blobs still get one (the solver then
     leaves them unchanged)."""
     out = []
     for i, spec in enumerate(layer.params):
         owner, idx = spec.share or (layer.name, i)
+        owner_layer = layer if owner == layer.name else graph.layer(owner)
         try:
-            blob = params[owner][idx]
+            blob = params[owner][owner_layer.owned_position(idx)]
         except (KeyError, IndexError):
             raise InputError(
                 f"params have no blob {idx} for layer '{owner}' (expected shape {list(spec.shape)})"
@@ -92,7 +93,7 @@ def run_graph(
         ctx = layer_ctx(graph, layer, key, feeds)
         lower, _ = choose_lowering(layer, ctx.bottom_shapes, fast)
         with jax.named_scope(layer.name):
-            tops = lower(layer.attrs, _layer_params(params, layer), bottoms, ctx)
+            tops = lower(layer.attrs, _layer_params(params, layer, graph), bottoms, ctx)
         if len(tops) != len(layer.tops):
             raise NinccError(
                 f"layer '{layer.name}' ({layer.type}) produced {len(tops)} tops, "

@@ -61,6 +61,11 @@ class Layer:
     def is_loss(self) -> bool:
         return any(w != 0 for w in self.loss_weights)
 
+    def owned_position(self, index: int) -> int:
+        """Where Caffe blob ``index`` of this layer sits among the blobs it owns: the params
+        pytree holds only owned blobs, so a shared blob before it shifts it down."""
+        return sum(1 for spec in self.params[:index] if spec.share is None)
+
 
 @dataclass(frozen=True)
 class Graph:

@@ -391,13 +391,6 @@ def _forward_fn(net: Any) -> Callable:
     return forward if net.dynamic else jax.jit(forward)
 
 
-def _net_state_expected(graph: Graph) -> dict[str, list]:
-    """What match_weights expects: every layer's blob shapes, None for blobs it shares."""
-    return {
-        layer.name: [None if p.share else p.shape for p in layer.params] for layer in graph.layers
-    }
-
-
 def copy_weights(
     params: dict[str, list], graph: Graph, stored: Any, source: str, log: logging.Logger = LOG
 ) -> dict[str, list]:
@@ -405,7 +398,7 @@ def copy_weights(
     file layers the net lacks are ignored, a blob of another shape is an error)."""
     from .caffemodel import match_weights
 
-    fitted, report = match_weights(stored, _net_state_expected(graph))
+    fitted, report = match_weights(stored, graph.weight_slots())
     out = dict(params)
     for name, arrays in fitted.items():
         if name not in out:
@@ -417,41 +410,6 @@ def copy_weights(
         out[name] = owned
     for line in report.lines():
         log.info("%s: %s", source, line)
-    return out
-
-
-def full_params(graph: Graph, params: Mapping[str, Sequence[Any]]) -> dict[str, list[np.ndarray]]:
-    """Every layer's blobs including shared ones, as Caffe's Net::ToProto writes them."""
-    out = {}
-    for layer in graph.layers:
-        if layer.params:
-            blobs = []
-            for i, spec in enumerate(layer.params):
-                owner, idx = spec.share or (layer.name, i)
-                blobs.append(np.asarray(params[owner][idx], np.float32))
-            out[layer.name] = blobs
-    return out
-
-
-def _definition(graph: Graph, net_param: Any) -> Any:
-    """The net as Net::ToProto writes it: the instantiated layers, phase and loss weights set."""
-    from . import caffe_pb2
-    from .layers import REGISTRY
-
-    by_name = {m.name: m for m in net_param.layer}
-    out = caffe_pb2.NetParameter()
-    if net_param.HasField("name"):
-        out.name = net_param.name
-    for layer in graph.layers:
-        src = by_name.get(layer.name)
-        if src is None:
-            continue
-        msg = out.layer.add()
-        msg.CopyFrom(src)
-        if not msg.HasField("phase"):
-            msg.phase = caffe_pb2.TRAIN if graph.phase == "TRAIN" else caffe_pb2.TEST
-        if REGISTRY[layer.type].loss and not len(msg.loss_weight):
-            msg.loss_weight.append(1.0)
     return out
 
 
@@ -568,6 +526,9 @@ class Solver:
                 input_shapes=input_shapes,
             )
             return compile_net(graph, fast=fast)
+
+        self._input_shapes = input_shapes
+        self._snapshot_definition: Any = None
 
         self.net = build(train)
         self.graph = self.net.graph
@@ -711,6 +672,7 @@ class Solver:
         Every process checks its replica for NaN; only process 0 writes (all return the paths).
         """
         from .caffemodel import write_caffemodel, write_caffemodel_h5
+        from .netdef import full_blobs, owned_blobs
 
         params = self._host(self.params)
         if not bool(_all_finite(params)):
@@ -726,10 +688,10 @@ class Solver:
             return model, state
         kind = "HDF5 file" if self.snapshot_hdf5 else "binary proto file"
         self.log.info("Snapshotting to %s %s", kind, model)
-        definition = _definition(self.graph, self._train_spec.net_param)
-        weights = full_params(self.graph, params)
+        # Net::ToProto writes every layer's blobs, Net::ToHDF5 only the owners'
+        blobs = owned_blobs if self.snapshot_hdf5 else full_blobs
         (write_caffemodel_h5 if self.snapshot_hdf5 else write_caffemodel)(
-            model, definition, weights
+            model, self._snapshot_net(), blobs(self.graph, params)
         )
         order = history_order(self.graph.param_shapes())
         s = self._host(self.opt_state)
@@ -739,6 +701,22 @@ class Solver:
         write_solverstate(state, snap)
         self.last_snapshot = state
         return model, state
+
+    def _snapshot_net(self) -> Any:
+        """The train net's definitions as Caffe's Net::ToProto writes them into a snapshot
+        (Split layers included), built once."""
+        if self._snapshot_definition is None:
+            from .build import NetState, build_graph
+            from .netdef import net_to_proto
+
+            spec = self._train_spec
+            split = build_graph(
+                spec.net_param, phase=spec.phase, level=spec.level, stages=spec.stages,
+                input_shapes=self._input_shapes, insert_splits=True,
+            )
+            state = NetState(spec.phase, spec.level, tuple(spec.stages))
+            self._snapshot_definition = net_to_proto(spec.net_param, split, state)
+        return self._snapshot_definition
 
     # ---------------------------------------------------------------- testing
 
@@ -1107,7 +1085,7 @@ def time_net(
             lparams = []
             for i, spec in enumerate(layer.params):
                 owner, idx = spec.share or (layer.name, i)
-                lparams.append(params[owner][idx])
+                lparams.append(params[owner][graph.layer(owner).owned_position(idx)])
             bottoms = [env[b] for b in layer.bottoms]
             key = jax.random.fold_in(rng, index)
 
@@ -1379,7 +1357,6 @@ __all__ = [
     "cmd_time",
     "cmd_train",
     "copy_weights",
-    "full_params",
     "output_blobs",
     "resolve_solver",
     "score",

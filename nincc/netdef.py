@@ -124,11 +124,6 @@ def net_to_proto(net: Any, graph: Graph, state: NetState | None = None) -> Any:
     return out
 
 
-def _owned_position(layer: Layer, index: int) -> int:
-    """Where blob `index` of `layer` sits among the blobs it owns (params pytree order)."""
-    return sum(1 for spec in layer.params[:index] if spec.share is None)
-
-
 def full_blobs(graph: Graph, params: Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:
     """Every layer's blobs under Caffe's indices, shared ones copied from their owner in the
     sharing layer's shape, as Net::ToProto writes them. `params` holds each layer's owned blobs
@@ -140,7 +135,7 @@ def full_blobs(graph: Graph, params: Mapping[str, Sequence[Any]]) -> dict[str, l
         blobs = []
         for index, spec in enumerate(layer.params):
             owner, owner_index = spec.share or (layer.name, index)
-            source = params[owner][_owned_position(graph.layer(owner), owner_index)]
+            source = params[owner][graph.layer(owner).owned_position(owner_index)]
             blobs.append(np.reshape(np.asarray(source, np.float32), spec.shape))
         out[layer.name] = blobs
     return out
@@ -155,7 +150,7 @@ def owned_blobs(graph: Graph, params: Mapping[str, Sequence[Any]]) -> dict[str, 
             out[layer.name] = [
                 None
                 if spec.share
-                else np.asarray(params[layer.name][_owned_position(layer, index)], np.float32)
+                else np.asarray(params[layer.name][layer.owned_position(index)], np.float32)
                 for index, spec in enumerate(layer.params)
             ]
     return out

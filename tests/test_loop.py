@@ -684,3 +684,45 @@ def test_ignore_label_is_not_an_error():
         check_class_labels({"label": np.array([0.0, -1.0])}, limits, "net")
     with pytest.raises(DataError, match="label 1.5 at row 0"):
         check_class_labels({"label": np.array([1.5])}, limits, "net")
+
+
+SHARED_NET = """
+name: "shared"
+layer { name: "data" type: "Input" top: "data" top: "label"
+  input_param { shape { dim: 4 dim: 6 } shape { dim: 4 } } }
+layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "ip1"
+  param { name: "w" } param { name: "b1" }
+  inner_product_param { num_output: 6 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
+  param { name: "w" } param { name: "b2" }
+  inner_product_param { num_output: 6 weight_filler { type: "gaussian" std: 0.3 }
+    bias_filler { type: "constant" value: 0.5 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }
+"""
+
+
+@pytest.mark.parametrize("fmt", ["BINARYPROTO", "HDF5"])
+def test_snapshot_of_a_net_sharing_a_blob_before_its_own(tmp_path, fmt):
+    """ip2 shares ip1's weight (its blob 0) and owns its bias (blob 1, the first it owns):
+    the snapshot holds ip2's bias as ip2's blob 1 (and, in a binary proto, the shared weight
+    again as blob 0, as Net::ToProto writes it; HDF5 keeps it under its owner only)."""
+    (tmp_path / "net.prototxt").write_text(SHARED_NET)
+    sp = load_solver(
+        f'net: "{tmp_path / "net.prototxt"}" base_lr: 0.1 lr_policy: "fixed" max_iter: 2 '
+        f'snapshot_prefix: "{tmp_path / "s"}" snapshot_format: {fmt} random_seed: 1'
+    )
+    solver = Solver(sp, synthetic=True, log=glog_logger())
+    try:
+        solver.step(2)
+        model, _ = solver.snapshot()
+        params = {k: [np.asarray(a) for a in v] for k, v in solver.params.items()}
+    finally:
+        solver.close()
+    stored = load_params(model)
+    assert sorted(params) == ["ip1", "ip2"] and len(params["ip2"]) == 1  # ip2 owns its bias only
+    np.testing.assert_array_equal(stored["ip1"][0], params["ip1"][0])
+    np.testing.assert_array_equal(stored["ip2"][1], params["ip2"][0])
+    if fmt == "BINARYPROTO":
+        np.testing.assert_array_equal(stored["ip2"][0], params["ip1"][0])
+    else:
+        assert stored["ip2"][0] is None
