@@ -24,7 +24,7 @@ Params = dict[str, list[Any]]
 Fast = bool | Collection[str]
 
 
-def _layer_params(params: Mapping[str, Sequence[Any]], layer, graph: Graph) -> list[Any]:
+def layer_params(params: Mapping[str, Sequence[Any]], layer, graph: Graph) -> list[Any]:
     """The layer's blobs (shared ones from their owner). Running statistics (BatchNorm's) get
     no diff in Caffe, so they stop gradients; lr_mult 0 blobs still get one (the solver then
     leaves them unchanged)."""
@@ -93,7 +93,7 @@ def run_graph(
         ctx = layer_ctx(graph, layer, key, feeds)
         lower, _ = choose_lowering(layer, ctx.bottom_shapes, fast)
         with jax.named_scope(layer.name):
-            tops = lower(layer.attrs, _layer_params(params, layer, graph), bottoms, ctx)
+            tops = lower(layer.attrs, layer_params(params, layer, graph), bottoms, ctx)
         if len(tops) != len(layer.tops):
             raise NinccError(
                 f"layer '{layer.name}' ({layer.type}) produced {len(tops)} tops, "

@@ -1057,7 +1057,7 @@ def time_net(
     for a ones top diff); XLA fuses across layers in the whole net, so the per-layer sum differs
     from the whole-net time.
     """
-    from .compile import choose_lowering, layer_ctx, run_graph, total_loss
+    from .compile import choose_lowering, layer_ctx, layer_params, run_graph, total_loss
     from .layers import REGISTRY
 
     graph = net.graph
@@ -1082,10 +1082,7 @@ def time_net(
         )
         for index, layer in enumerate(graph.layers):
             entry = REGISTRY[layer.type]
-            lparams = []
-            for i, spec in enumerate(layer.params):
-                owner, idx = spec.share or (layer.name, i)
-                lparams.append(params[owner][graph.layer(owner).owned_position(idx)])
+            lparams = layer_params(params, layer, graph)
             bottoms = [env[b] for b in layer.bottoms]
             key = jax.random.fold_in(rng, index)
 
