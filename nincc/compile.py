@@ -16,7 +16,7 @@ import numpy as np
 
 from . import layers as table
 from .errors import InputError, NinccError
-from .fast import lowering_for
+from .fast import lowering_for, to_nchw, to_nhwc
 from .ir import Graph
 from .layers.base import LowerCtx
 
@@ -42,14 +42,29 @@ def layer_params(params: Mapping[str, Sequence[Any]], layer, graph: Graph) -> li
     return out
 
 
-def choose_lowering(layer, bottom_shapes: Sequence[Sequence[int]], fast: Fast = True):
-    """``(lower, kind)`` for one layer: nincc.fast's lowering where ``fast`` selects the layer's
-    type and it applies to these shapes (kind "fast"), else the layer table's ("table")."""
+def _fast_lowering(layer, bottom_shapes: Sequence[Sequence[int]], fast: Fast):
     if fast is True or (fast and layer.type in fast):
-        lower = lowering_for(layer.type, layer.attrs, bottom_shapes)
-        if lower is not None:
-            return lower, "fast"
+        return lowering_for(layer.type, layer.attrs, bottom_shapes)
+    return None
+
+
+def choose_lowering(layer, bottom_shapes: Sequence[Sequence[int]], fast: Fast = True):
+    """``(lower, kind)`` for one layer on Caffe-layout (NCHW) blobs: nincc.fast's lowering
+    where ``fast`` selects the layer's type and it applies to these shapes (kind "fast"), else
+    the layer table's ("table")."""
+    lower = _fast_lowering(layer, bottom_shapes, fast)
+    if lower is not None:
+        return lower, "fast"
     return table.REGISTRY[layer.type].lower, "table"
+
+
+def channels_last_lowering(layer, ctx: LowerCtx, fast: Fast = True):
+    """The channels-last lowering run_graph runs ``layer`` with (bottoms and tops (N, H, W, C)),
+    or None where it runs a lowering on Caffe-layout blobs."""
+    lower = _fast_lowering(layer, ctx.bottom_shapes, fast)
+    if lower is None or not all(len(s) == 4 for s in ctx.top_shapes):
+        return None
+    return lower.nhwc
 
 
 def layer_ctx(graph: Graph, layer, key: Any, feeds: Mapping[str, Any]) -> LowerCtx:
@@ -78,20 +93,38 @@ def run_graph(
     ``taps`` adds an array to chosen values right after they are written: its gradient is the
     gradient with respect to that value, which is how tests read Caffe-style per-blob diffs.
     ``fast`` picks nincc.fast's lowerings where they apply (True), the layer table's only
-    (False), or the fast lowerings of the named layer types only.
+    (False), or the fast lowerings of the named layer types only. Fast lowerings run
+    channels-last, and a blob stays channels-last from the layer that writes it to the layers
+    that read it so; every value returned is in Caffe's layout.
     """
-    env: dict[str, Any] = {}
+    env: dict[str, Any] = {}  # value id -> array in Caffe's layout, or channels-last if in `nhwc`
+    nhwc: set[str] = set()
+    other: dict[str, Any] = {}  # the other layout's copy of a value, made once
+
+    def read(vid: str, channels_last: bool) -> Any:
+        if (vid in nhwc) == channels_last:
+            return env[vid]
+        if vid not in other:
+            other[vid] = to_nchw(env[vid]) if vid in nhwc else to_nhwc(env[vid])
+        return other[vid]
+
     new_state: Params = {}
     for index, layer in enumerate(graph.layers):
         entry = table.REGISTRY[layer.type]
-        bottoms = [env[b] for b in layer.bottoms]
-        bottoms = [
-            x if keep else jax.lax.stop_gradient(x)
-            for x, keep in zip(bottoms, layer.propagate_down)
-        ]
         key = None if rng is None else jax.random.fold_in(rng, index)
         ctx = layer_ctx(graph, layer, key, feeds)
-        lower, _ = choose_lowering(layer, ctx.bottom_shapes, fast)
+        # A fast lowering runs channels-last (nincc.fast): its bottoms are read, and its tops
+        # kept, in that layout; a table lowering gets Caffe's layout.
+        lower = channels_last_lowering(layer, ctx, fast)
+        channels_last = lower is not None
+        if lower is None:
+            lower = choose_lowering(layer, ctx.bottom_shapes, fast)[0]
+        bottoms = [
+            x if keep else jax.lax.stop_gradient(x)
+            for x, keep in zip(
+                (read(b, channels_last) for b in layer.bottoms), layer.propagate_down
+            )
+        ]
         with jax.named_scope(layer.name):
             tops = lower(layer.attrs, layer_params(params, layer, graph), bottoms, ctx)
         if len(tops) != len(layer.tops):
@@ -103,11 +136,17 @@ def run_graph(
             tops = [jax.lax.stop_gradient(t) for t in tops]
         for vid, top in zip(layer.tops, tops):
             if taps is not None and vid in taps:
-                top = top + taps[vid]
+                top = top + (to_nhwc(taps[vid]) if channels_last else taps[vid])
             env[vid] = top
+            other.pop(vid, None)
+            if channels_last:
+                nhwc.add(vid)
+            else:
+                nhwc.discard(vid)
         if ctx.state is not None:
             new_state[layer.name] = list(ctx.state)
-    return env, new_state
+    # Every value leaves in Caffe's layout; XLA drops the transposes nobody reads.
+    return {vid: read(vid, False) for vid in env}, new_state
 
 
 def total_loss(graph: Graph, env: Mapping[str, Any]) -> Any:

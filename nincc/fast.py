@@ -1,23 +1,28 @@
-"""Fast lowerings: drop-in replacements for some layer-table ``lower`` functions.
+"""Fast lowerings: channels-last replacements for some layer-table ``lower`` functions.
 
 Each entry of :data:`FAST_LOWERINGS` maps a table type name to a :class:`FastLowering`: a
-function with the signature of a table entry's ``lower`` (attrs, params, bottoms, ctx) -> tops,
-and a predicate saying for which attrs and bottom shapes it applies. Where it does not, the
-table's own lowering runs; that plain lowering stays the reference every fast path is tested
-against (tests/test_fast.py), forward and gradients, within the fixture tolerances.
+function with the signature of a table entry's ``lower`` (attrs, params, bottoms, ctx) -> tops
+that takes and returns 4-D blobs channels-last (N, H, W, C), and a predicate saying for which
+attrs and (Caffe-layout, NCHW) bottom shapes it applies. ``nincc.compile.run_graph`` keeps a
+blob channels-last from the layer that makes it to the layer that needs it in Caffe's layout,
+so a chain of convolutions, ReLUs and poolings runs without a transpose between layers; XLA:CPU
+runs its convolutions and products channels-last anyway, and an NCHW graph around them costs a
+layout copy at every element-wise or pooling layer (docs/performance.md). Called directly, a
+FastLowering takes and returns Caffe's layout (it transposes around the channels-last code),
+which is how tests compare it with the table's lowering, the reference every fast path is
+tested against (tests/test_fast.py), forward and gradients, within the fixture tolerances.
 
 What is here, and why, is measured in docs/performance.md:
 
-- 1x1 (CCCP) convolutions: XLA's forward (one product over channels) with a custom backward,
-  dx by the transposed 1x1 convolution and dw by one product contracting batch and pixels,
-  where autodiff gives XLA:CPU a whole-image-window convolution;
+- 2-D convolutions: XLA's convolution channels-last; 1x1 (CCCP) ones as one product over
+  channels with a custom backward (dx by the transposed product, dw by one product contracting
+  batch and pixels), where autodiff gives XLA:CPU a whole-image-window convolution;
 - MAX and AVE pooling: the forward records which kernel offset won each window; gradients are
   folded back onto the input phase by phase from shifted copies (no scatter, no strided pads);
 - ACROSS_CHANNELS LRN: channel-window sums as shifted slices, scale^-0.75 by square roots and
-  Caffe's own backward formula.
-
-``nincc.compile.run_graph`` picks them per layer through :func:`lowering_for` (its ``fast``
-argument: all, none, or some types); ``nincc time`` marks the layers that run one.
+  Caffe's own backward formula;
+- layers that do not care about the layout (ReLU, Sigmoid, TanH, Split, Dropout) pass
+  channels-last blobs through, so that they do not force a transpose.
 """
 
 from __future__ import annotations
@@ -39,93 +44,151 @@ from .layers.vision import (
     PoolAttrs,
     PoolGeom,
     _ave_divisor,
+    _conv_out_sizes,
     _geometry,
     _pool_geom_of,
 )
-from .layers.vision import _ave_pool as _table_ave_pool
 
 Shape = tuple[int, ...]
 Lower = Callable[[Any, list[Any], list[Any], base.LowerCtx], list[Any]]
 
 
+def to_nhwc(x: Any) -> Any:
+    return jnp.transpose(x, (0, 2, 3, 1))
+
+
+def to_nchw(x: Any) -> Any:
+    return jnp.transpose(x, (0, 3, 1, 2))
+
+
+def nchw_shape(shape: Shape) -> Shape:
+    """The Caffe (NCHW) shape of a channels-last array's shape."""
+    n, h, w, c = shape
+    return (n, c, h, w)
+
+
 @dataclass(frozen=True)
 class FastLowering:
-    """A lowering with a table entry's ``lower`` signature, and where it applies."""
+    """A channels-last lowering with a table entry's ``lower`` signature, and where it applies.
 
-    lower: Lower
+    ``applies(attrs, bottom_shapes)`` sees Caffe's (NCHW) shapes, and holds only when every
+    bottom and top is 4-D. Calling the object runs the layer on NCHW blobs.
+    """
+
+    nhwc: Lower
     applies: Callable[[Any, list[Shape]], bool]
     doc: str = ""
 
     def __call__(self, attrs: Any, params: list[Any], bottoms: list[Any], ctx: Any) -> list[Any]:
-        return self.lower(attrs, params, bottoms, ctx)
+        tops = self.nhwc(attrs, params, [to_nhwc(b) for b in bottoms], ctx)
+        return [to_nchw(t) for t in tops]
 
 
-# ---------------------------------------------------------------- 1x1 convolutions
+def _all_4d(attrs: Any, bottom_shapes: list[Shape]) -> bool:
+    return bool(bottom_shapes) and all(len(s) == 4 for s in bottom_shapes)
 
 
-def _is_pointwise(a: ConvAttrs, bottom_shapes: list[Shape]) -> bool:
-    """A 2-D convolution (axis 1, 4-D bottoms) with a 1x1 kernel and no padding."""
+# ---------------------------------------------------------------- convolutions
+
+
+def _is_conv2d(a: ConvAttrs, bottom_shapes: list[Shape]) -> bool:
+    """A 2-D convolution: 4-D bottoms, channel axis 1, a kernel over both spatial axes."""
     try:
         gs = [_geometry(a, s) for s in bottom_shapes]
+        for g, s in zip(gs, bottom_shapes):
+            _conv_out_sizes(g, s)
     except Exception:  # noqa: BLE001 - a shape the table rejects is the table's to report
         return False
-    return all(
-        len(s) == 4 and g.axis == 1 and g.kernel == (1, 1) and g.pad == (0, 0)
-        for g, s in zip(gs, bottom_shapes)
+    return bool(gs) and all(
+        len(s) == 4 and g.axis == 1 and len(g.kernel) == 2 for g, s in zip(gs, bottom_shapes)
     )
 
 
-def _conv1x1(x: Any, w: Any, group: int) -> Any:
-    return lax.conv_general_dilated(x, w, (1, 1), "VALID", feature_group_count=group)
+def _rows(x: Any) -> Any:
+    """A channels-last array as a (pixels, channels) matrix."""
+    return x.reshape(-1, x.shape[-1])
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _pointwise(x: Any, w: Any, group: int) -> Any:
-    """A stride-1 1x1 convolution; XLA:CPU turns the forward into one product over channels."""
-    return _conv1x1(x, w, group)
+@jax.custom_vjp
+def _pointwise(x: Any, w: Any) -> Any:
+    """x (N, H, W, C) times w (O, C) over channels: a 1x1 convolution as one product."""
+    y = lax.dot_general(_rows(x), w, (((1,), (1,)), ((), ())))
+    return y.reshape(*x.shape[:3], w.shape[0])
 
 
-def _pointwise_fwd(x, w, group):
-    return _conv1x1(x, w, group), (x, w)
+def _pointwise_fwd(x, w):
+    return _pointwise(x, w), (x, w)
 
 
-def _pointwise_bwd(group, res, dy):
-    # dx is the 1x1 convolution of dy with the transposed weights (again one product over
-    # channels); dw contracts batch and pixels in a single product per group. Autodiff would
-    # express dw as a convolution whose window is the whole image, which XLA:CPU runs far
-    # below the matmul rate and with the activations copied to a batch-last layout.
+def _pointwise_bwd(res, dy):
+    # dx is the transposed product; dw contracts batch and pixels in a single product. Autodiff
+    # of a 1x1 convolution gives XLA:CPU a weight gradient convolution whose window is the whole
+    # image, which it runs far below the matrix-product rate. Written on (pixels, channels)
+    # matrices: contracting the three leading axes of 4-D arrays instead runs about 2x slower.
     x, w = res
-    n, c, h, wd = x.shape
-    o = w.shape[0]
-    og, cg = o // group, c // group
-    wt = jnp.swapaxes(w.reshape(group, og, cg), 1, 2).reshape(c, og, 1, 1)
-    dx = _conv1x1(dy, wt, group)
-    dw = lax.dot_general(
-        dy.reshape(n, group, og, h, wd),
-        x.reshape(n, group, cg, h, wd),
-        (((0, 3, 4), (0, 3, 4)), ((1,), (1,))),
-    )
-    return dx, dw.reshape(w.shape)
+    dx = (_rows(dy) @ w).reshape(x.shape)
+    dw = lax.dot_general(_rows(dy), _rows(x), (((0,), (0,)), ((), ())))
+    return dx, dw
 
 
 _pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
-def _pointwise_lower(a: ConvAttrs, params, bottoms, ctx):
+@jax.custom_vjp
+def _add_bias(y: Any, b: Any) -> Any:
+    """y + b over the channels of a channels-last array."""
+    return y + b.reshape(1, 1, 1, -1)
+
+
+def _add_bias_fwd(y, b):
+    return _add_bias(y, b), None
+
+
+def _add_bias_bwd(_, dy):
+    # db as a product with a vector of ones: XLA:CPU's reduction over the leading axes of a
+    # channels-last array runs several times slower than this product.
+    rows = dy.shape[0] * dy.shape[1] * dy.shape[2]
+    return dy, jnp.ones((rows,), dy.dtype) @ dy.reshape(rows, dy.shape[3])
+
+
+_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+def _conv_nhwc(a: ConvAttrs, params, bottoms, ctx):
     w = params[0]
     outs = []
     for x in bottoms:
-        s = _geometry(a, x.shape).stride
-        if s != (1, 1):  # Caffe's (in - 1) / s + 1 outputs: every s-th pixel from the first
-            x = x[:, :, :: s[0], :: s[1]]
-        y = _pointwise(x, w, a.group)
+        g = _geometry(a, nchw_shape(x.shape))
+        if g.kernel == (1, 1) and g.pad == (0, 0) and a.group == 1:
+            if g.stride != (1, 1):  # Caffe's (in - 1) / s + 1 outputs: every s-th pixel
+                x = x[:, :: g.stride[0], :: g.stride[1], :]
+            y = _pointwise(x, w.reshape(w.shape[:2]))
+        else:
+            out = _conv_out_sizes(g, nchw_shape(x.shape))
+            # Pad low by `pad`; pad (or crop) high so that exactly `out` windows fit, as
+            # Caffe's im2col does (the table's lowering does the same).
+            padding, crop = [], []
+            for o, i, p, e, s in zip(out, x.shape[1:3], g.pad, g.extent, g.stride, strict=True):
+                hi = (o - 1) * s + e - i - p
+                padding.append((p, max(hi, 0)))
+                crop.append(i + min(hi, 0))
+            x = x[:, : crop[0], : crop[1], :]
+            y = lax.conv_general_dilated(
+                x,
+                w,
+                window_strides=g.stride,
+                padding=padding,
+                rhs_dilation=g.dilation,
+                feature_group_count=a.group,
+                dimension_numbers=("NHWC", "OIHW", "NHWC"),
+            )
         if a.bias_term:
-            y = y + params[1].reshape(1, -1, 1, 1)
+            y = _add_bias(y, params[1])
         outs.append(y)
     return outs
 
 
-# ---------------------------------------------------------------- MAX pooling
+# ---------------------------------------------------------------- pooling
 
 
 def _is_windowed_pool(a: PoolAttrs, bottom_shapes: list[Shape]) -> bool:
@@ -148,6 +211,12 @@ def _pool_pads(x_hw: tuple[int, int], g: PoolGeom) -> list[tuple[int, int]]:
     ]
 
 
+def _spatial_pad(x: Any, pads: list[tuple[int, int]], fill: Any) -> Any:
+    """Pad (or, negative, crop) the two spatial axes of a channels-last array."""
+    cfg = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)]
+    return lax.pad(x, jnp.asarray(fill, x.dtype), cfg)
+
+
 def _max_and_first(x: Any, g: PoolGeom) -> tuple[Any, Any]:
     """Caffe's MAX pooling and, per window, which kernel offset (row-major) won.
 
@@ -156,19 +225,19 @@ def _max_and_first(x: Any, g: PoolGeom) -> tuple[Any, Any]:
     -FLT_MAX has no winner (index kh*kw) and passes no gradient.
     """
     kh, kw = g.kernel
-    pads = _pool_pads(x.shape[2:], g)
-    cfg = [(0, 0, 0), (0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads]
-    xp = lax.pad(x, jnp.asarray(-jnp.inf, x.dtype), cfg)
-    val = jnp.full(x.shape[:2] + g.out, -FLT_MAX, x.dtype)
-    first = jnp.full(val.shape, kh * kw, jnp.int8 if kh * kw < 127 else jnp.int32)
+    xp = _spatial_pad(x, _pool_pads(x.shape[1:3], g), -jnp.inf)
+    shape = (x.shape[0], *g.out, x.shape[3])
+    val = jnp.full(shape, -FLT_MAX, x.dtype)
+    first = jnp.full(shape, kh * kw, jnp.int8 if kh * kw < 127 else jnp.int32)
     for k in range(kh * kw):
         i, j = divmod(k, kw)
         lim = (
-            *xp.shape[:2],
+            xp.shape[0],
             i + (g.out[0] - 1) * g.stride[0] + 1,
             j + (g.out[1] - 1) * g.stride[1] + 1,
+            xp.shape[3],
         )
-        cand = lax.slice(xp, (0, 0, i, j), lim, (1, 1, *g.stride))
+        cand = lax.slice(xp, (0, i, j, 0), lim, (1, *g.stride, 1))
         take = cand > val
         val = jnp.where(take, cand, val)
         first = jnp.where(take, jnp.asarray(k, first.dtype), first)
@@ -192,33 +261,26 @@ def _max_pool_bwd(g, res, dy):
     kh, kw = g.kernel
     zero = jnp.asarray(0, dy.dtype)
     parts = {divmod(k, kw): jnp.where(first == k, dy, zero) for k in range(kh * kw)}
-    return (_unpad(_fold(parts, g, _padded_hw(shape, g)), shape, g),)
+    return (_unfold(parts, g, shape),)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def _padded_hw(shape: Shape, g: PoolGeom) -> tuple[int, int]:
-    pads = _pool_pads(shape[2:], g)
-    return (shape[2] + sum(pads[0]), shape[3] + sum(pads[1]))
+def _unfold(parts: dict[tuple[int, int], Any], g: PoolGeom, shape: Shape) -> Any:
+    """Sum each kernel offset's share of the window gradients back onto the input grid.
 
-
-def _unpad(dxp: Any, shape: Shape, g: PoolGeom) -> Any:
-    """Drop the pooling padding (and restore rows the windows never reached) from a gradient."""
-    crop = [(0, 0, 0), (0, 0, 0)] + [(-lo, -hi, 0) for lo, hi in _pool_pads(shape[2:], g)]
-    return lax.pad(dxp, jnp.asarray(0, dxp.dtype), crop)
-
-
-def _fold(parts: dict[tuple[int, int], Any], g: PoolGeom, padded_hw: tuple[int, int]) -> Any:
-    """Sum each offset's share back onto the padded input grid, without a scatter.
-
-    Row ``s*u + p`` of the input only receives offsets ``a = p + s*m`` (from window ``u - m``),
-    so each of the s*s phases is a sum of shifted copies of a few parts; the phases are then
-    interleaved by one reshape.
+    Row ``s*u + p`` of the padded input only receives offsets ``a = p + s*m`` (from window
+    ``u - m``), so each of the s*s phases is a sum of shifted copies of a few parts (no
+    scatter); the phases are interleaved by one reshape and the padding is dropped.
     """
+    pads = _pool_pads(shape[1:3], g)
+    ph, pw = shape[1] + sum(pads[0]), shape[2] + sum(pads[1])
     (sh, sw), (kh, kw), (oh, ow) = g.stride, g.kernel, g.out
-    uh, uw = -(-padded_hw[0] // sh), -(-padded_hw[1] // sw)
-    zero = jnp.asarray(0, next(iter(parts.values())).dtype)
+    uh, uw = -(-ph // sh), -(-pw // sw)
+    some = next(iter(parts.values()))
+    n, c = some.shape[0], some.shape[3]
+    zero = jnp.asarray(0, some.dtype)
     rows = []
     for p in range(sh):
         cols = []
@@ -226,45 +288,47 @@ def _fold(parts: dict[tuple[int, int], Any], g: PoolGeom, padded_hw: tuple[int, 
             acc = None
             for a in range(p, kh, sh):
                 for b in range(q, kw, sw):
-                    m, n = (a - p) // sh, (b - q) // sw
-                    cfg = [(0, 0, 0), (0, 0, 0), (m, uh - oh - m, 0), (n, uw - ow - n, 0)]
-                    t = lax.pad(parts[(a, b)], zero, cfg)
+                    m, k = (a - p) // sh, (b - q) // sw
+                    t = _spatial_pad(parts[(a, b)], [(m, uh - oh - m), (k, uw - ow - k)], zero)
                     acc = t if acc is None else acc + t
-            if acc is None:
-                shape = next(iter(parts.values())).shape[:2] + (uh, uw)
-                acc = jnp.zeros(shape, zero.dtype)
-            cols.append(acc)
-        rows.append(jnp.stack(cols, axis=-1))  # (N, C, uh, uw, sw)
-    full = jnp.stack(rows, axis=3)  # (N, C, uh, sh, uw, sw)
-    n, c = full.shape[:2]
-    full = full.reshape(n, c, uh * sh, uw * sw)
-    return full[:, :, : padded_hw[0], : padded_hw[1]]
+            cols.append(jnp.zeros((n, uh, uw, c), some.dtype) if acc is None else acc)
+        rows.append(jnp.stack(cols, axis=3))  # (N, uh, uw, sw, C)
+    full = jnp.stack(rows, axis=2).reshape(n, uh * sh, uw * sw, c)  # (N, uh, sh, uw, sw, C)
+    full = full[:, :ph, :pw, :]
+    return _spatial_pad(full, [(-lo, -hi) for lo, hi in pads], zero)
+
+
+def _ave_divisor_nhwc(g: PoolGeom, hw: tuple[int, int]) -> Any:
+    return jnp.asarray(_ave_divisor(g, hw).reshape(1, *g.out, 1))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _ave_pool(x: Any, g: PoolGeom) -> Any:
-    """The table's AVE pooling (Caffe's divisor counts padding, not the ceil overhang)."""
-    return _table_ave_pool(x, g)
+    """Caffe's AVE pooling: the window sum over the zero-padded input, divided by Caffe's
+    divisor (which counts padding, not the ceil overhang)."""
+    xp = _spatial_pad(x, _pool_pads(x.shape[1:3], g), 0)
+    s = lax.reduce_window(xp, 0.0, lax.add, (1, *g.kernel, 1), (1, *g.stride, 1), "VALID")
+    return s / _ave_divisor_nhwc(g, x.shape[1:3])
 
 
 def _ave_pool_fwd(x, g):
-    return _table_ave_pool(x, g), x.shape
+    return _ave_pool(x, g), x.shape
 
 
 def _ave_pool_bwd(g, shape, dy):
     # Every element of a window (padding included, as in Caffe's divisor) gets dy / divisor;
     # the padding's share is then dropped.
-    share = dy / jnp.asarray(_ave_divisor(g, shape[2:]))
+    share = dy / _ave_divisor_nhwc(g, shape[1:3])
     parts = {(i, j): share for i in range(g.kernel[0]) for j in range(g.kernel[1])}
-    return (_unpad(_fold(parts, g, _padded_hw(shape, g)), shape, g),)
+    return (_unfold(parts, g, shape),)
 
 
 _ave_pool.defvjp(_ave_pool_fwd, _ave_pool_bwd)
 
 
-def _pool_lower(a: PoolAttrs, params, bottoms, ctx):
+def _pool_nhwc(a: PoolAttrs, params, bottoms, ctx):
     x = bottoms[0]
-    g = _pool_geom_of(a, x.shape)
+    g = _pool_geom_of(a, nchw_shape(x.shape))
     return [_max_pool(x, g) if a.method == "MAX" else _ave_pool(x, g)]
 
 
@@ -279,11 +343,11 @@ def _channel_window_sum(v: Any, size: int) -> Any:
     """sum of v over channels c - (size-1)/2 .. c + (size-1)/2 (zero outside): shifted slices
     added in one fused loop, where reduce-window along channels runs much slower on XLA:CPU."""
     pad = (size - 1) // 2
-    vp = jnp.pad(v, ((0, 0), (pad, pad), (0, 0), (0, 0)))
-    c = v.shape[1]
-    out = vp[:, 0:c]
+    vp = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (pad, pad)))
+    c = v.shape[3]
+    out = vp[..., 0:c]
     for k in range(1, size):
-        out = out + vp[:, k : k + c]
+        out = out + vp[..., k : k + c]
     return out
 
 
@@ -327,25 +391,55 @@ def _lrn_bwd(a, x, dy):
 _lrn.defvjp(_lrn_fwd, _lrn_bwd)
 
 
-def _lrn_lower(a: LRNAttrs, params, bottoms, ctx):
+def _lrn_nhwc(a: LRNAttrs, params, bottoms, ctx):
     return [_lrn(bottoms[0], a)]
+
+
+# ---------------------------------------------------------------- layout-blind layers
+
+
+def _table(type_name: str) -> Lower:
+    """The table's own lowering: right for channels-last blobs when it is element-wise."""
+
+    def lower(attrs, params, bottoms, ctx):
+        return base.REGISTRY[type_name].lower(attrs, params, bottoms, ctx)
+
+    return lower
+
+
+def _via_nchw(type_name: str) -> Lower:
+    """The table's lowering on the NCHW view, for element-wise layers whose result depends on
+    the element order (Dropout's random mask): XLA fuses the two transposes into the loop."""
+
+    def lower(attrs, params, bottoms, ctx):
+        tops = base.REGISTRY[type_name].lower(attrs, params, [to_nchw(b) for b in bottoms], ctx)
+        return [to_nhwc(t) for t in tops]
+
+    return lower
 
 
 FAST_LOWERINGS: dict[str, FastLowering] = {
     "Convolution": FastLowering(
-        _pointwise_lower,
-        _is_pointwise,
-        "1x1 convolution: one product over channels forward and for each gradient",
+        _conv_nhwc,
+        _is_conv2d,
+        "2-D convolution channels-last; 1x1: one product over channels, forward and gradients",
     ),
     "LRN": FastLowering(
-        _lrn_lower,
+        _lrn_nhwc,
         _is_across_channels,
         "ACROSS_CHANNELS LRN: channel window sums as shifted slices, Caffe's backward formula",
     ),
     "Pooling": FastLowering(
-        _pool_lower,
+        _pool_nhwc,
         _is_windowed_pool,
         "MAX and AVE pooling: gradients folded back phase by phase, no scatter",
+    ),
+    "ReLU": FastLowering(_table("ReLU"), _all_4d, "element-wise: any layout"),
+    "Sigmoid": FastLowering(_table("Sigmoid"), _all_4d, "element-wise: any layout"),
+    "TanH": FastLowering(_table("TanH"), _all_4d, "element-wise: any layout"),
+    "Split": FastLowering(_table("Split"), _all_4d, "copies: any layout"),
+    "Dropout": FastLowering(
+        _via_nchw("Dropout"), _all_4d, "element-wise; the mask drawn in Caffe's element order"
     ),
 }
 
@@ -353,11 +447,10 @@ FAST_LOWERINGS: dict[str, FastLowering] = {
 # ---------------------------------------------------------------- choosing a lowering
 
 
-def lowering_for(
-    type_name: str, attrs: Any, bottom_shapes: Sequence[Sequence[int]]
-) -> Lower | None:
-    """The fast lowering for this layer, or None where the table's lowering should run."""
+def lowering_for(type_name: str, attrs: Any, bottom_shapes: Sequence[Sequence[int]]):
+    """The fast lowering for this layer (a :class:`FastLowering`: called, it takes and returns
+    NCHW blobs; its ``nhwc`` channels-last ones), or None where the table's should run."""
     fl = FAST_LOWERINGS.get(type_name)
     if fl is None or not fl.applies(attrs, [tuple(s) for s in bottom_shapes]):
         return None
-    return fl.lower
+    return fl

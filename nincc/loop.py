@@ -1052,12 +1052,20 @@ def time_net(
 ) -> Timing:
     """Time the jitted forward and forward+backward on random inputs (median of ``iterations``).
 
-    Per-layer times come from jitting each layer alone, with the lowering the train step uses,
-    on the inputs the whole forward gives it (a layer's backward: the vector-Jacobian product
-    for a ones top diff); XLA fuses across layers in the whole net, so the per-layer sum differs
-    from the whole-net time.
+    Per-layer times come from jitting each layer alone, with the lowering (and the activation
+    layout) the train step uses, on the inputs the whole forward gives it (a layer's backward:
+    the vector-Jacobian product for a ones top diff); XLA fuses across layers in the whole net,
+    so the per-layer sum differs from the whole-net time.
     """
-    from .compile import choose_lowering, layer_ctx, layer_params, run_graph, total_loss
+    from .compile import (
+        channels_last_lowering,
+        choose_lowering,
+        layer_ctx,
+        layer_params,
+        run_graph,
+        total_loss,
+    )
+    from .fast import to_nhwc
     from .layers import REGISTRY
 
     graph = net.graph
@@ -1089,6 +1097,9 @@ def time_net(
             lower, kind = choose_lowering(
                 layer, [graph.value(b).shape for b in layer.bottoms], net.fast
             )
+            nhwc = channels_last_lowering(layer, layer_ctx(graph, layer, key, feeds), net.fast)
+            if nhwc is not None:  # as in the step: channels-last in and out, no transposes
+                lower, bottoms = nhwc, [to_nhwc(b) for b in bottoms]
 
             def run(lp, bs, f, k, layer=layer, lower=lower):
                 return lower(layer.attrs, lp, bs, layer_ctx(graph, layer, k, f))

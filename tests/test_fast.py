@@ -30,7 +30,8 @@ def layer_attrs(type_name: str, body: str, tops: int = 1, bottoms: int = 1):
 
 
 def ctx_for(bottoms) -> LowerCtx:
-    return LowerCtx("TRAIN", "l", None, {}, ("t0",), (), tuple(b.shape for b in bottoms))
+    key = jax.random.PRNGKey(0)  # Dropout: the same key for both lowerings
+    return LowerCtx("TRAIN", "l", key, {}, ("t0",), (), tuple(b.shape for b in bottoms))
 
 
 def assert_close(got, ref, rel, what):
@@ -54,10 +55,9 @@ def compare(type_name: str, attrs, params, bottoms, seed: int = 0):
     shapes = [b.shape for b in bottoms]
     lower = fast.lowering_for(type_name, attrs, shapes)
     assert lower is not None, f"{type_name} fast path should apply to {shapes}"
-    ctx = ctx_for(bottoms)
 
-    def run(fn):
-        return jax.jit(lambda p, b: fn(attrs, p, b, ctx))
+    def run(fn):  # a fresh context per trace: both lowerings draw the same keys
+        return jax.jit(lambda p, b: fn(attrs, p, b, ctx_for(bottoms)))
 
     ref = run(entry.lower)(params, bottoms)
     got = run(lower)(params, bottoms)
@@ -67,7 +67,9 @@ def compare(type_name: str, attrs, params, bottoms, seed: int = 0):
     cot = [jnp.asarray(rng.standard_normal(r.shape), jnp.float32) for r in ref]
 
     def grads(fn):
-        return jax.jit(lambda p, b, c: jax.vjp(lambda p, b: fn(attrs, p, b, ctx), p, b)[1](c))
+        return jax.jit(
+            lambda p, b, c: jax.vjp(lambda p, b: fn(attrs, p, b, ctx_for(bottoms)), p, b)[1](c)
+        )
 
     gref = grads(entry.lower)(params, bottoms, cot)
     ggot = grads(lower)(params, bottoms, cot)
@@ -116,14 +118,39 @@ def test_pointwise_convolution_two_bottoms():
     compare("Convolution", attrs, params, [randn(rng, (2, 6, 5, 5)), randn(rng, (2, 6, 5, 5))])
 
 
+# k x k convolutions (XLA's convolution, channels-last): the zoo's stems and the corpus's
+# odd cases — stride with a window that overhangs (Caffe's cropped last window), rectangular
+# kernels and strides, groups, dilation, a padded 1x1
+KXK = [
+    ("kernel_size: 11 stride: 4", (2, 3, 35, 35), 8),  # NIN ImageNet conv1, spatial shrunk
+    ("kernel_size: 7 stride: 2 pad: 1", (1, 3, 24, 24), 8),  # NIN-ZFNet conv1
+    ("kernel_size: 5 pad: 2", (2, 6, 9, 9), 8),  # NIN CIFAR-10 conv1/conv2
+    ("kernel_size: 3 stride: 2", (1, 4, 10, 9), 5),  # the last window overhangs: cropped
+    ("kernel_h: 1 kernel_w: 3 pad_w: 1", (1, 4, 6, 6), 4),
+    ("kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1", (2, 4, 7, 6), 6),
+    ("kernel_size: 3 pad: 1 group: 2", (1, 8, 6, 6), 6),  # AlexNet-style groups
+    ("kernel_size: 3 pad: 2 dilation: 2", (1, 4, 9, 9), 5),  # DeepLab-style dilation
+    ("kernel_size: 1 pad: 1", (1, 4, 6, 6), 3),  # padded 1x1
+    ("kernel_size: 1 stride: 2 pad: 1 group: 2", (2, 4, 5, 5), 6),
+]
+
+
+@pytest.mark.parametrize("body,shape,o", KXK)
+def test_kxk_convolution_matches_table(body, shape, o):
+    attrs = layer_attrs("Convolution", f"convolution_param {{ num_output: {o} {body} }}")
+    g = fast._geometry(attrs, shape)
+    rng = np.random.default_rng(sum(shape) + o)
+    params = [randn(rng, (o, shape[1] // attrs.group, *g.kernel), 0.1), randn(rng, (o,))]
+    compare("Convolution", attrs, params, [randn(rng, shape)])
+
+
 @pytest.mark.parametrize(
     "body,shape",
     [
-        ("kernel_size: 3 pad: 1", (1, 4, 6, 6)),  # k x k stays with XLA's convolution
-        ("kernel_size: 1 pad: 1", (1, 4, 6, 6)),  # padded 1x1
         ("kernel_size: 1", (1, 4, 6)),  # 1-D
         ("kernel_size: 1 axis: 2", (1, 2, 4, 6, 6)),
-        ("kernel_h: 1 kernel_w: 3", (1, 4, 6, 6)),
+        ("kernel_size: 3 pad: 1", (1, 4, 6, 6, 6)),  # 3-D
+        ("kernel_size: 9", (1, 4, 6, 6)),  # does not fit: the table reports it
     ],
 )
 def test_fast_convolution_leaves_other_shapes_to_the_table(body, shape):

@@ -82,14 +82,15 @@ def test_lowered_program_names_every_conv_layer(capsys, level):
     assert convs == ["conv1", "conv2"]
     for name in convs:
         if level == "jaxpr":  # the name stack is printed beside each equation; a 1x1
-            # convolution runs nincc.fast's lowering, a custom_vjp_call holding the convolution
-            ops = ("conv_general_dilated", "custom_vjp_call")
+            # convolution runs nincc.fast's lowering, a custom_vjp_call holding a product
+            ops = ("conv_general_dilated", "custom_vjp_call", "dot_general")
             hits = [
                 ln for ln in out.splitlines()
                 if any(op in ln for op in ops) and f"[{name}]" in ln
             ]
-        else:  # StableHLO locations and HLO op_name metadata carry the scope path
-            hits = re.findall(rf"/{re.escape(name)}/conv[a-z_]*", out)
+        else:  # StableHLO locations and HLO op_name metadata carry the scope path (a 1x1
+            # convolution is one product over channels)
+            hits = re.findall(rf"/{re.escape(name)}/(?:conv[a-z_]*|dot_general)", out)
         assert hits, f"{name} not found in the {level} text"
 
 

@@ -644,20 +644,23 @@ layer { name: "cccp" type: "Convolution" bottom: "conv" top: "cccp"
         convolution_param { num_output: 4 kernel_size: 1 weight_filler { type: "xavier" } } }
 layer { name: "pool" type: "Pooling" bottom: "cccp" top: "pool"
         pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "ip" type: "InnerProduct" bottom: "pool" top: "ip"
+        inner_product_param { num_output: 2 weight_filler { type: "xavier" } } }
 """
 
 
 @pytest.mark.parametrize("reference", [False, True])
 def test_time_marks_the_layers_the_fast_lowerings_run(tmp_path, capsys, reference):
-    """Per-layer times come from the lowering the train step uses: the 1x1 convolution and
-    the pooling run nincc.fast's, the 3x3 convolution the table's; none with the reference."""
+    """Per-layer times come from the lowering the train step uses: the convolutions and the
+    pooling run nincc.fast's, the InnerProduct the table's; none with the reference."""
     (tmp_path / "small.prototxt").write_text(SMALL_CONV)
     extra = ["--reference-lowerings"] if reference else []
     assert cli("time", tmp_path / "small.prototxt", "--iterations", "1", *extra) == 0
     msgs = [x.strip() for x in _messages(capsys.readouterr().err)]
     tagged = {m.split("\t")[0] for m in msgs if m.endswith("[fast]")}
-    assert tagged == (set() if reference else {"cccp", "pool"})
-    assert any(re.fullmatch(rf"conv\tbackward: {NUM} ms\.", x) for x in msgs)
+    assert tagged == (set() if reference else {"conv", "cccp", "pool"})
+    assert any(re.fullmatch(rf"conv\tbackward: {NUM} ms\.( \[fast\])?", x) for x in msgs)
+    assert any(re.fullmatch(rf"ip\tforward: {NUM} ms\.", x) for x in msgs)
 
 
 def test_a_label_outside_the_classes_is_one_clear_error(tiny, capsys):
