@@ -328,6 +328,69 @@ def test_whole_net_gradients_match_with_fast_lowerings():
             assert_close(g, r, BWD_REL, f"{name}[{i}]")
 
 
+MIXED_LAYOUTS = """
+name: "mixed"
+input: "data" input_shape { dim: 2 dim: 3 dim: 9 dim: 9 }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 6 kernel_size: 3 pad: 1 } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "a" type: "Convolution" bottom: "conv" top: "a"
+        convolution_param { num_output: 4 kernel_size: 1 } }
+layer { name: "b" type: "Pooling" bottom: "conv" top: "b"
+        pooling_param { pool: MAX kernel_size: 3 stride: 1 pad: 1 } }
+layer { name: "bn" type: "Power" bottom: "b" top: "bp" power_param { scale: 0.5 } }
+layer { name: "cat" type: "Concat" bottom: "a" bottom: "bp" top: "cat" }
+layer { name: "lrn" type: "LRN" bottom: "cat" top: "lrn" lrn_param { local_size: 3 } }
+layer { name: "sum" type: "Eltwise" bottom: "lrn" bottom: "cat" top: "sum" }
+layer { name: "pool" type: "Pooling" bottom: "sum" top: "pool"
+        pooling_param { pool: AVE kernel_size: 2 stride: 2 } }
+layer { name: "gp" type: "Pooling" bottom: "pool" top: "gp"
+        pooling_param { pool: AVE global_pooling: true } }
+layer { name: "ip" type: "InnerProduct" bottom: "pool" top: "ip"
+        inner_product_param { num_output: 3 } }
+"""
+
+
+@pytest.mark.parametrize("fast_types", [True, ("Pooling",), ("Convolution", "LRN")])
+def test_channels_last_blobs_meet_table_layers(tmp_path, fast_types):
+    """Blobs kept channels-last feed table lowerings (Power, Concat, Eltwise, global pooling,
+    InnerProduct) and fast ones; a blob read by both is converted once. Every blob comes back
+    in Caffe's layout, and every blob's value and diff (read through taps) equals the table's."""
+    import nincc
+    from nincc.compile import run_graph
+
+    path = tmp_path / "mixed.prototxt"
+    path.write_text(MIXED_LAYOUTS)
+    graph = nincc.load_graph(path, phase="TEST")
+    rng = np.random.default_rng(5)
+    params = {k: [randn(rng, np.shape(b), 0.3) for b in v]
+              for k, v in nincc.compile(graph, jit=False).init(seed=0).items()}
+    feeds = {"data": randn(rng, (2, 3, 9, 9))}
+    vids = [v for layer in graph.layers for v in layer.tops]
+    taps = {v: jnp.zeros(graph.value(v).shape, jnp.float32) for v in vids}
+    weights = {v: randn(rng, graph.value(v).shape) for v in vids}
+
+    def run(fast):
+        def objective(p, t):
+            env, _ = run_graph(graph, p, feeds, taps=t, fast=fast)
+            return sum(jnp.sum(env[v] * weights[v]) for v in vids), env
+
+        (_, env), grads = jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))(
+            params, taps
+        )
+        return env, grads
+
+    ref_env, (ref_p, ref_t) = run(False)
+    env, (got_p, got_t) = run(fast_types)
+    for v in vids:
+        assert env[v].shape == tuple(graph.value(v).shape), v
+        assert_close(env[v], ref_env[v], FWD_REL, f"blob {v}")
+        assert_close(got_t[v], ref_t[v], BWD_REL, f"diff of {v}")
+    for name in ref_p:
+        for i, (g, r) in enumerate(zip(got_p[name], ref_p[name], strict=True)):
+            assert_close(g, r, BWD_REL, f"{name}[{i}]")
+
+
 # ---------------------------------------------------------------- against real Caffe
 
 FIXTURE_CASES = [
