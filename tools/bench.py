@@ -493,7 +493,13 @@ class TorchRunner:
                 k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v
                 for k, v in self.feeds.items()
             }
-        self.fn = torch.compile(self.net) if variant == "compile" else self.net
+        if variant == "compile":
+            # Every case compiles the same module code for new shapes; past dynamo's recompile
+            # limit (8) it silently runs eager, so each case starts from a fresh dynamo cache.
+            torch._dynamo.reset()
+            self.fn = torch.compile(self.net)
+        else:
+            self.fn = self.net
         if train:
             self.opt = torch.optim.SGD(self.net.parameters(), lr=0.01, momentum=0.9)
         t = time.perf_counter()
