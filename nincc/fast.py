@@ -21,7 +21,9 @@ What is here, and why, is measured in docs/performance.md:
   folded back onto the input phase by phase from shifted copies (no scatter, no strided pads);
 - ACROSS_CHANNELS LRN: channel-window sums as shifted slices, scale^-0.75 by square roots and
   Caffe's own backward formula;
-- layers that do not care about the layout (ReLU, Sigmoid, TanH, Split, Dropout) pass
+- ReLU (negative_slope >= 0) with Caffe's in-place backward, which reads the top: autodiff
+  would keep the bottom alive for the mask besides the top;
+- layers that do not care about the layout (Sigmoid, TanH, Split, Dropout) pass
   channels-last blobs through, so that they do not force a transpose.
 """
 
@@ -395,6 +397,38 @@ def _lrn_nhwc(a: LRNAttrs, params, bottoms, ctx):
     return [_lrn(bottoms[0], a)]
 
 
+# ---------------------------------------------------------------- ReLU
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _relu(x: Any, slope: float) -> Any:
+    """Caffe's ReLU, max(x, 0) + slope * min(x, 0), whose backward reads its top as Caffe's
+    in-place ReLU does: for slope >= 0, top > 0 exactly where x > 0 (Caffe's gradient at
+    x == 0 is the slope). Autodiff keeps the bottom alive for the mask as well as the top
+    the next layer keeps, one more activation per ReLU."""
+    return jnp.where(x > 0, x, x * slope)
+
+
+def _relu_fwd(x, slope):
+    y = _relu(x, slope)
+    return y, y
+
+
+def _relu_bwd(slope, y, dy):
+    return (jnp.where(y > 0, dy, dy * slope),)
+
+
+_relu.defvjp(_relu_fwd, _relu_bwd)
+
+
+def _relu_applies(a: Any, bottom_shapes: list[Shape]) -> bool:
+    return _all_4d(a, bottom_shapes) and a.negative_slope >= 0
+
+
+def _relu_nhwc(a: Any, params, bottoms, ctx):
+    return [_relu(bottoms[0], a.negative_slope)]
+
+
 # ---------------------------------------------------------------- layout-blind layers
 
 
@@ -434,7 +468,9 @@ FAST_LOWERINGS: dict[str, FastLowering] = {
         _is_windowed_pool,
         "MAX and AVE pooling: gradients folded back phase by phase, no scatter",
     ),
-    "ReLU": FastLowering(_table("ReLU"), _all_4d, "element-wise: any layout"),
+    "ReLU": FastLowering(
+        _relu_nhwc, _relu_applies, "element-wise, any layout; the backward reads the top"
+    ),
     "Sigmoid": FastLowering(_table("Sigmoid"), _all_4d, "element-wise: any layout"),
     "TanH": FastLowering(_table("TanH"), _all_4d, "element-wise: any layout"),
     "Split": FastLowering(_table("Split"), _all_4d, "copies: any layout"),

@@ -328,6 +328,22 @@ def test_whole_net_gradients_match_with_fast_lowerings():
             assert_close(g, r, BWD_REL, f"{name}[{i}]")
 
 
+@pytest.mark.parametrize("slope", [0.0, 0.1])
+def test_relu_backward_from_its_top_matches_table_at_zero(slope):
+    """The fast ReLU's backward reads its top (as Caffe's in-place ReLU); at x == 0 exactly the
+    gradient is still Caffe's negative_slope, and negative values pass slope * dy."""
+    attrs = layer_attrs("ReLU", f"relu_param {{ negative_slope: {slope} }}")
+    x = np.random.default_rng(3).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    x[0, 0, 0, :3] = 0.0
+    x[1, 2] = -np.abs(x[1, 2])
+    compare("ReLU", attrs, [], [jnp.asarray(x)])
+
+
+def test_relu_with_a_negative_slope_is_left_to_the_table():
+    attrs = layer_attrs("ReLU", "relu_param { negative_slope: -0.5 }")
+    assert fast.lowering_for("ReLU", attrs, [(1, 2, 3, 3)]) is None
+
+
 MIXED_LAYOUTS = """
 name: "mixed"
 input: "data" input_shape { dim: 2 dim: 3 dim: 9 dim: 9 }
