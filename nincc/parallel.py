@@ -50,7 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 from .data.sources import Shard
 from .errors import InputError, NinccError
-from .solver import CaffeState, SolverConfig, learning_rate
+from .solver import CaffeState, SolverConfig
 from .train import StepResult, Trainer, caffe_mean_loss
 
 AXIS = "data"
@@ -500,15 +500,12 @@ class DataParallelTrainer(Trainer):
         """One iteration on every device; ``request`` (0 none, 1 snapshot, 2 stop) is this
         process's, the result's ``request`` the largest of all processes'."""
         dp = self.dp
-        if len(feeds) != self.cfg.iter_size:
-            raise ValueError(f"step needs {self.cfg.iter_size} feeds (iter_size), got {len(feeds)}")
         it = int(dp.host(opt_state.iter)) if it is None else it
-        rate = learning_rate(self.cfg, it)
+        rate, keys = self._iteration(feeds, it, rng)
+        keys = np.asarray(keys)
         opt_state = opt_state._replace(rate=dp.replicate(np.float32(rate)))
         stacked = {k: np.stack([np.asarray(f[k], np.float32) for f in feeds]) for k in feeds[0]}
         self._check_rows(stacked)
-        base = jax.random.PRNGKey(0) if rng is None else rng
-        keys = np.asarray(jax.random.split(jax.random.fold_in(base, it), len(feeds)))
         args = (
             {k: dp.rows(v, axis=1) for k, v in stacked.items()},
             dp.replicate(keys),

@@ -115,6 +115,15 @@ class Trainer:
         params = optax.apply_updates(params, updates)
         return params, opt_state, losses, last
 
+    def _iteration(self, feeds: Sequence[Mapping[str, Any]], it: int, rng) -> tuple[float, Any]:
+        """Check that there are iter_size feeds; the rate and the per-pass random keys of
+        iteration ``it`` (from ``rng``, default PRNGKey(0))."""
+        if len(feeds) != self.cfg.iter_size:
+            raise ValueError(f"step needs {self.cfg.iter_size} feeds (iter_size), got {len(feeds)}")
+        base = jax.random.PRNGKey(0) if rng is None else rng
+        keys = jax.random.split(jax.random.fold_in(base, it), len(feeds))
+        return learning_rate(self.cfg, it), keys
+
     def step(
         self,
         params,
@@ -125,14 +134,10 @@ class Trainer:
     ):
         """One iteration. ``it`` (default: the state's iteration) sets the rate and the
         per-iteration random keys."""
-        if len(feeds) != self.cfg.iter_size:
-            raise ValueError(f"step needs {self.cfg.iter_size} feeds (iter_size), got {len(feeds)}")
         it = int(opt_state.iter) if it is None else it
-        rate = learning_rate(self.cfg, it)
+        rate, keys = self._iteration(feeds, it, rng)
         opt_state = opt_state._replace(rate=jnp.asarray(rate))
         stacked = {k: _stack([f[k] for f in feeds]) for k in feeds[0]}
-        base = jax.random.PRNGKey(0) if rng is None else rng
-        keys = jax.random.split(jax.random.fold_in(base, it), len(feeds))
         params, opt_state, losses, outputs = self._step(params, opt_state, stacked, keys)
         values = [float(x) for x in np.asarray(losses)]
         return params, opt_state, StepResult(caffe_mean_loss(values), float(rate), values, outputs)
