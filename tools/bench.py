@@ -21,10 +21,12 @@ load from other processes falls on all of them alike. The table shows medians.
 nincc runs with its fast lowerings (nincc.fast, "nincc") and with the layer table's
 ("nincc-plain"); XLA flags are nincc's (nincc.xla_flags) unless --no-xla-flags. GFLOP/s come from
 nincc's own FLOP counts (nincc.report), a train step counted as 3x the forward; "% ceil" is
-against the fp32 matrix-product ceiling measured at the start (the better of NumPy's BLAS and
-XLA's dot on an n x n x n product). "peak MB" is how far the resident set grows during one step
-above its size just before, measured in a child process per candidate where large allocations
-go straight back to the system (MALLOC_MMAP_THRESHOLD_), so both frameworks are measured alike;
+against the fp32 ceiling measured at the start: the best rate of an n x n x n product (NumPy's
+BLAS, XLA's dot through YNNPACK and through Eigen, PyTorch's) and of a 3x3 convolution (XLA's,
+PyTorch's oneDNN), since no one library reaches the machine's limit on every host. "peak MB" is
+how far the resident set grows during one step above its size just before, measured in a child
+process per candidate where large allocations go straight back to the system
+(MALLOC_MMAP_THRESHOLD_), so both frameworks are measured alike;
 "XLA temp MB" is XLA's own memory analysis of nincc's executable. PyTorch is optional
 (``pip install 'nincc[bench]'``); without it only nincc is timed.
 """
@@ -184,23 +186,76 @@ def peak_rss_growth(fn: Callable[[], Any]) -> int:
     return max(peak, _rss()) - base
 
 
-def matmul_ceilings(n: int, rounds: int) -> dict[str, float]:
-    """fp32 GFLOP/s of an n x n x n product: NumPy's BLAS and XLA's jitted dot (medians)."""
+def ceilings(n: int, rounds: int, use_torch: bool) -> dict[str, float]:
+    """fp32 GFLOP/s of compute-bound kernels (medians); the best of them is the ceiling.
+
+    An n x n x n product through NumPy's BLAS, XLA's dot as nincc's flags route it (YNNPACK),
+    and XLA's dot through Eigen (written as a 1x1 convolution, which XLA turns into an Eigen
+    dot); a 3x3 channels-last convolution through XLA (256 -> 256 channels on 28x28, batch 16;
+    batch 1 when n < 1024); with PyTorch, its matrix product and the same convolution
+    (oneDNN, channels_last). No single library reaches the machine's limit on every host: on
+    an AVX-512 machine oneDNN's convolutions have run at twice OpenBLAS's 4096^3 product, so a
+    ceiling taken from one product alone would flatter everything measured against it.
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from jax import lax
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), np.float32)
     b = rng.standard_normal((n, n), np.float32)
     ja, jb = jnp.asarray(a), jnp.asarray(b)
+    batch = 16 if n >= 1024 else 1
+    x = rng.standard_normal((batch, 28, 28, 256), np.float32)
+    w = rng.standard_normal((3, 3, 256, 256), np.float32)
+    jx, jw = jnp.asarray(x), jnp.asarray(w)
+    mm_flops, conv_flops = 2 * n**3, 2 * batch * 28 * 28 * 256 * 256 * 9
+
     dot = jax.jit(jnp.dot)
-    jax.block_until_ready(dot(ja, jb))
-    a @ b
-    times = interleaved_times(
-        {"numpy": lambda: a @ b, "xla": lambda: jax.block_until_ready(dot(ja, jb))}, rounds
-    )
-    return {k: 2 * n**3 / statistics.median(v) / 1e9 for k, v in times.items()}
+
+    @jax.jit
+    def eigen_dot(a, b):
+        dn = ("NHWC", "HWIO", "NHWC")
+        y = lax.conv_general_dilated(
+            a[None, None], b[None, None], (1, 1), "VALID", dimension_numbers=dn
+        )
+        return y[0, 0]
+
+    @jax.jit
+    def conv(x, w):
+        return lax.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    cands: dict[str, Callable[[], Any]] = {
+        "numpy": lambda: a @ b,
+        "xla": lambda: jax.block_until_ready(dot(ja, jb)),
+        "xla-eigen": lambda: jax.block_until_ready(eigen_dot(ja, jb)),
+        "xla-conv": lambda: jax.block_until_ready(conv(jx, jw)),
+    }
+    flops = {"numpy": mm_flops, "xla": mm_flops, "xla-eigen": mm_flops, "xla-conv": conv_flops}
+    if use_torch:
+        import torch
+
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        tx = torch.from_numpy(x).permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last
+        tw = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
+
+        def torch_conv() -> None:
+            with torch.no_grad():
+                torch.nn.functional.conv2d(tx, tw, padding=1)
+
+        cands.update({"torch": lambda: ta @ tb, "torch-conv": torch_conv})
+        flops.update({"torch": mm_flops, "torch-conv": conv_flops})
+    for fn in cands.values():  # compile and warm up
+        fn()
+    times = interleaved_times(cands, rounds)
+    return {k: flops[k] / statistics.median(v) / 1e9 for k, v in times.items()}
+
+
+def format_ceilings(ceil: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:.0f}" for k, v in ceil.items()) + " GFLOP/s"
 
 
 def rel_err(got, ref) -> float:
@@ -756,7 +811,7 @@ def report(paths: list[str]) -> int:
         env, ceil = doc["environment"], doc["ceilings_gflops"]
         print(
             f"<!-- {path}: {env['date']}, XLA_FLAGS={env['XLA_FLAGS']!r}, ceiling "
-            f"numpy {ceil['numpy']:.0f} / XLA {ceil['xla']:.0f} GFLOP/s -->"
+            f"{format_ceilings(ceil)} -->"
         )
         rows += [Row(**r) for r in doc["rows"]]
     print(markdown_table(rows))
@@ -874,15 +929,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_child:
         return memory_child(args.memory_child)
     env = environment()
-    ceilings = matmul_ceilings(args.ceiling_n, 3)
-    ceiling = max(ceilings.values())
+    ceils = ceilings(args.ceiling_n, 3, torch_available() and not args.no_torch)
+    ceiling = max(ceils.values())
     print(
         f"# {env['date']}  {env['cpu']} x{env['cores']}  python {env['python']}  "
         f"jax {env['jax']}  torch {env.get('torch', '-')}  XLA_FLAGS={env['XLA_FLAGS']!r}"
     )
     print(
-        f"# fp32 matmul ceiling ({args.ceiling_n}^3): numpy {ceilings['numpy']:.0f} GFLOP/s, "
-        f"XLA {ceilings['xla']:.0f} GFLOP/s",
+        f"# fp32 ceiling {ceiling:.0f} GFLOP/s, the best of: products {args.ceiling_n}^3 and a "
+        f"3x3 convolution: {format_ceilings(ceils)}",
         flush=True,
     )
     rows: list[Row] = []
@@ -897,7 +952,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc = {
             "environment": env,
-            "ceilings_gflops": ceilings,
+            "ceilings_gflops": ceils,
             "rows": [dataclasses.asdict(r) for r in rows],
         }
         Path(args.json).write_text(json.dumps(doc, indent=1))
