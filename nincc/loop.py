@@ -1026,6 +1026,20 @@ def _score(
     return mean_loss, _report_outputs(log, outs, sums or [], iterations, "")
 
 
+def diff_values(graph: Graph) -> set[str]:
+    """The values Caffe's backward gives a diff (``blob_need_backward``): the tops of layers
+    with a learnable blob (lr_mult != 0) or reading such a value where propagate_down allows;
+    every value under ``force_backward``. Data and Input tops get none."""
+    out: set[str] = set()
+    for layer in graph.layers:
+        prop = layer.propagate_down or (True,) * len(layer.bottoms)
+        learns = any(p.lr_mult != 0 and not p.state for p in layer.params)
+        reads = any(b in out and d for b, d in zip(layer.bottoms, prop))
+        if graph.force_backward or learns or reads:
+            out.update(layer.tops)
+    return out
+
+
 def _median_ms(fn: Callable, args: tuple, iterations: int) -> float:
     jax.block_until_ready(fn(*args))  # compile and warm up
     times = []
@@ -1053,9 +1067,11 @@ def time_net(
     """Time the jitted forward and forward+backward on random inputs (median of ``iterations``).
 
     Per-layer times come from jitting each layer alone, with the lowering (and the activation
-    layout) the train step uses, on the inputs the whole forward gives it (a layer's backward:
-    the vector-Jacobian product for a ones top diff); XLA fuses across layers in the whole net,
-    so the per-layer sum differs from the whole-net time.
+    layout) the train step uses, on the inputs the whole forward gives it. A layer's backward
+    is the vector-Jacobian product for a ones top diff, with respect to its blobs and to the
+    bottoms Caffe's backward gives a diff (:func:`diff_values`; not a Data layer's tops), as
+    ``caffe time`` runs it. XLA fuses across layers in the whole net, so the per-layer sum
+    differs from the whole-net time.
     """
     from .compile import (
         channels_last_lowering,
@@ -1085,6 +1101,7 @@ def time_net(
     fb_ms = _median_ms(fwd_bwd, (params, feeds, rng), iterations)
     layers: list[tuple[str, float, float | None, str]] = []
     if per_layer:
+        needs_diff = diff_values(graph)
         env, _ = jax.jit(lambda p, f, k: run_graph(graph, p, f, k, fast=net.fast))(
             params, feeds, rng
         )
@@ -1106,10 +1123,18 @@ def time_net(
 
             f_ms = _median_ms(jax.jit(run), (lparams, bottoms, feeds, key), iterations)
             b_ms = None
-            if entry.backward and (lparams or bottoms):
+            prop = layer.propagate_down or (True,) * len(layer.bottoms)
+            wrt = [i for i, (b, d) in enumerate(zip(layer.bottoms, prop)) if d and b in needs_diff]
+            if entry.backward and (lparams or wrt):
 
-                def back(lp, bs, f, k, run=run):
-                    tops, vjp = jax.vjp(lambda p_, b_: run(p_, b_, f, k), lp, bs)
+                def back(lp, bs, f, k, run=run, wrt=wrt):
+                    def fn(p_, diffed):
+                        full = list(bs)
+                        for i, b in zip(wrt, diffed):
+                            full[i] = b
+                        return run(p_, full, f, k)
+
+                    tops, vjp = jax.vjp(fn, lp, [bs[i] for i in wrt])
                     return vjp([jnp.ones_like(t) for t in tops])
 
                 b_ms = _median_ms(jax.jit(back), (lparams, bottoms, feeds, key), iterations)

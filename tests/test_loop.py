@@ -7,6 +7,7 @@ run of the same seed, and NumPy forwards of the written weights.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import nincc
 from nincc import caffe_pb2
 from nincc.caffemodel import load_params, save_params
 from nincc.errors import DataError, InputError, NinccError, SolverError
@@ -729,3 +731,34 @@ def test_snapshot_of_a_net_sharing_a_blob_before_its_own(tmp_path, fmt):
         np.testing.assert_array_equal(stored["ip2"][0], params["ip1"][0])
     else:
         assert stored["ip2"][0] is None
+
+
+def test_diff_values_follow_caffes_blob_need_backward(tmp_path):
+    """``caffe time`` backs a layer up only into bottoms that get a diff: not the input, not
+    the tops of a frozen layer reading it, not across propagate_down: false."""
+    from nincc.loop import diff_values
+
+    net = tmp_path / "net.prototxt"
+    net.write_text(
+        """
+input: "data" input_shape { dim: 2 dim: 3 dim: 8 dim: 8 }
+layer { name: "frozen" type: "Convolution" bottom: "data" top: "frozen"
+        param { lr_mult: 0 } param { lr_mult: 0 }
+        convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "relu0" type: "ReLU" bottom: "frozen" top: "frozen" }
+layer { name: "conv" type: "Convolution" bottom: "frozen" top: "conv"
+        convolution_param { num_output: 4 kernel_size: 1 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv" top: "relu1" }
+layer { name: "cut" type: "Pooling" bottom: "relu1" top: "cut" propagate_down: false
+        pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "join" type: "Eltwise" bottom: "relu1" bottom: "relu1" top: "join" }
+"""
+    )
+    graph = nincc.load_graph(net)
+    got = {graph.value(v).producer for v in diff_values(graph)}
+    assert got == {"conv", "relu1", "join"}
+    forced = nincc.load_graph(net)
+    forced = dataclasses.replace(forced, force_backward=True)
+    assert {forced.value(v).producer for v in diff_values(forced)} == {
+        layer.name for layer in forced.layers
+    }
