@@ -16,7 +16,8 @@ What is here, and why, is measured in docs/performance.md:
 
 - 2-D convolutions: XLA's convolution channels-last; 1x1 (CCCP) ones as one product over
   channels with a custom backward (dx by the transposed product, dw by one product contracting
-  batch and pixels), where autodiff gives XLA:CPU a whole-image-window convolution;
+  batch and pixels), where autodiff gives XLA:CPU a whole-image-window convolution; strided
+  ones with their input gradient by output phases, where autodiff dilates dy by the stride;
 - MAX and AVE pooling: the forward records which kernel offset won each window; gradients are
   folded back onto the input phase by phase from shifted copies (no scatter, no strided pads);
 - ACROSS_CHANNELS LRN: channel-window sums as shifted slices, scale^-0.75 by square roots and
@@ -156,6 +157,92 @@ def _add_bias_bwd(_, dy):
 _add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+_CONV_DN = ("NHWC", "OIHW", "NHWC")
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _strided_conv(x: Any, w: Any, stride: tuple[int, int], padding: tuple) -> Any:
+    """A strided convolution (group 1, no dilation) whose input gradient avoids dilating dy.
+
+    ``padding`` is (low, high) per spatial axis, high >= 0, with exactly the output windows
+    fitting. XLA computes the input gradient as a convolution over dy dilated by the stride:
+    s*s times the products needed (docs/performance.md). The weight gradient is XLA's.
+    """
+    return lax.conv_general_dilated(x, w, stride, padding, dimension_numbers=_CONV_DN)
+
+
+def _strided_conv_fwd(x, w, stride, padding):
+    return _strided_conv(x, w, stride, padding), (x, w)
+
+
+def _strided_conv_bwd(stride, padding, res, dy):
+    x, w = res
+    conv = partial(lax.conv_general_dilated, x, window_strides=stride, padding=padding)
+    dw = jax.vjp(lambda k: conv(k, dimension_numbers=_CONV_DN), w)[1](dy)[0]
+    return _phase_input_grad(dy, w, x.shape[1:3], stride, padding), dw
+
+
+_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+
+
+def _phase_input_grad(dy: Any, w: Any, x_hw: tuple[int, int], stride, padding) -> Any:
+    """dx of a strided convolution by output phases: input row s*q + a only meets kernel rows
+    a, a + s, a + 2s..., so each of the s*s phases is a stride-1 convolution of dy with those
+    taps, flipped and with in and out channels swapped; the phases are then interleaved.
+
+    With few input channels the phases' convolutions are too narrow to run well, so they
+    run as one convolution whose s*s*C output channels are the phases (taps a phase lacks
+    are zero): NIN-ZFNet's conv2 (96 channels) 120 -> 58 ms at batch 16 as separate
+    phases, 79 as one; its 3-channel stem 196 -> 97 ms as one, 260 as separate.
+    """
+    n, oh, ow, o = dy.shape
+    _, c, kh, kw = w.shape
+    (sh, sw), ((plh, phh), (plw, phw)) = stride, padding
+    th, tw = _cdiv(kh, sh), _cdiv(kw, sw)
+    if c < 32:
+        k = jnp.pad(w, ((0, 0), (0, 0), (0, th * sh - kh), (0, tw * sw - kw)))
+        k = k.reshape(o, c, th, sh, tw, sw).transpose(2, 4, 0, 3, 5, 1)
+        k = jnp.flip(k, (0, 1)).reshape(th, tw, o, sh * sw * c)
+        y = lax.conv_general_dilated(
+            dy,
+            k,
+            (1, 1),
+            [(th - 1, th - 1), (tw - 1, tw - 1)],
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        qh, qw = y.shape[1], y.shape[2]
+        full = y.reshape(n, qh, qw, sh, sw, c).transpose(0, 1, 3, 2, 4, 5)
+    else:
+        hp, wp = x_hw[0] + plh + phh, x_hw[1] + plw + phw
+        qh, qw = _cdiv(hp, sh), _cdiv(wp, sw)
+        rows = []
+        for a in range(sh):
+            cols = []
+            for b in range(sw):
+                ta, tb = _cdiv(kh - a, sh) if a < kh else 0, _cdiv(kw - b, sw) if b < kw else 0
+                if ta == 0 or tb == 0:  # the stride skips past the kernel: no gradient
+                    cols.append(jnp.zeros((n, qh, qw, c), dy.dtype))
+                    continue
+                k = jnp.flip(w[:, :, a::sh, b::sw], (2, 3))
+                part = lax.conv_general_dilated(
+                    dy,
+                    k,
+                    (1, 1),
+                    [(ta - 1, ta - 1), (tb - 1, tb - 1)],
+                    dimension_numbers=("NHWC", "IOHW", "NHWC"),
+                )
+                pads = ((0, 0), (0, qh - part.shape[1]), (0, qw - part.shape[2]), (0, 0))
+                cols.append(jnp.pad(part, pads))
+            rows.append(jnp.stack(cols, axis=3))  # (n, qh, qw, sw, c)
+        full = jnp.stack(rows, axis=2)  # (n, qh, sh, qw, sw, c)
+    full = full.reshape(n, qh * sh, qw * sw, c)
+    return full[:, plh : plh + x_hw[0], plw : plw + x_hw[1], :]
+
+
 def _conv_nhwc(a: ConvAttrs, params, bottoms, ctx):
     w = params[0]
     outs = []
@@ -175,15 +262,18 @@ def _conv_nhwc(a: ConvAttrs, params, bottoms, ctx):
                 padding.append((p, max(hi, 0)))
                 crop.append(i + min(hi, 0))
             x = x[:, : crop[0], : crop[1], :]
-            y = lax.conv_general_dilated(
-                x,
-                w,
-                window_strides=g.stride,
-                padding=padding,
-                rhs_dilation=g.dilation,
-                feature_group_count=a.group,
-                dimension_numbers=("NHWC", "OIHW", "NHWC"),
-            )
+            if g.stride != (1, 1) and g.dilation == (1, 1) and a.group == 1:
+                y = _strided_conv(x, w, tuple(g.stride), tuple(map(tuple, padding)))
+            else:
+                y = lax.conv_general_dilated(
+                    x,
+                    w,
+                    window_strides=g.stride,
+                    padding=padding,
+                    rhs_dilation=g.dilation,
+                    feature_group_count=a.group,
+                    dimension_numbers=_CONV_DN,
+                )
         if a.bias_term:
             y = _add_bias(y, params[1])
         outs.append(y)

@@ -132,6 +132,14 @@ KXK = [
     ("kernel_size: 3 pad: 2 dilation: 2", (1, 4, 9, 9), 5),  # DeepLab-style dilation
     ("kernel_size: 1 pad: 1", (1, 4, 6, 6), 3),  # padded 1x1
     ("kernel_size: 1 stride: 2 pad: 1 group: 2", (2, 4, 5, 5), 6),
+    # strided: dx by output phases (one convolution below 32 channels, one per phase from 32)
+    ("kernel_size: 5 stride: 2", (2, 32, 11, 11), 6),  # NIN-ZFNet conv2, phases
+    ("kernel_size: 3 stride: 2 pad: 1", (1, 40, 8, 7), 5),  # phases, cropped last window
+    ("kernel_size: 2 stride: 3", (1, 4, 11, 11), 3),  # the stride skips rows: zero phases
+    ("kernel_size: 2 stride: 3", (1, 32, 11, 10), 3),
+    ("kernel_size: 5 stride: 3 pad: 2", (2, 3, 13, 12), 4),
+    ("kernel_h: 4 kernel_w: 3 stride_h: 4 stride_w: 3 pad_w: 1", (1, 5, 17, 13), 4),
+    ("kernel_h: 3 kernel_w: 5 stride_h: 1 stride_w: 3", (1, 33, 7, 14), 4),
 ]
 
 
