@@ -172,17 +172,20 @@ def _strided_conv(x: Any, w: Any, stride: tuple[int, int], padding: tuple) -> An
     fitting. XLA computes the input gradient as a convolution over dy dilated by the stride:
     s*s times the products needed (docs/performance.md). The weight gradient is XLA's.
     """
+    return _xla_conv(x, w, stride, padding)
+
+
+def _xla_conv(x: Any, w: Any, stride, padding) -> Any:
     return lax.conv_general_dilated(x, w, stride, padding, dimension_numbers=_CONV_DN)
 
 
 def _strided_conv_fwd(x, w, stride, padding):
-    return _strided_conv(x, w, stride, padding), (x, w)
+    return _xla_conv(x, w, stride, padding), (x, w)
 
 
 def _strided_conv_bwd(stride, padding, res, dy):
     x, w = res
-    conv = partial(lax.conv_general_dilated, x, window_strides=stride, padding=padding)
-    dw = jax.vjp(lambda k: conv(k, dimension_numbers=_CONV_DN), w)[1](dy)[0]
+    dw = jax.vjp(lambda k: _xla_conv(x, k, stride, padding), w)[1](dy)[0]
     return _phase_input_grad(dy, w, x.shape[1:3], stride, padding), dw
 
 
@@ -369,7 +372,7 @@ def _unfold(parts: dict[tuple[int, int], Any], g: PoolGeom, shape: Shape) -> Any
     pads = _pool_pads(shape[1:3], g)
     ph, pw = shape[1] + sum(pads[0]), shape[2] + sum(pads[1])
     (sh, sw), (kh, kw), (oh, ow) = g.stride, g.kernel, g.out
-    uh, uw = -(-ph // sh), -(-pw // sw)
+    uh, uw = _cdiv(ph, sh), _cdiv(pw, sw)
     some = next(iter(parts.values()))
     n, c = some.shape[0], some.shape[3]
     zero = jnp.asarray(0, some.dtype)

@@ -1032,9 +1032,8 @@ def diff_values(graph: Graph) -> set[str]:
     every value under ``force_backward``. Data and Input tops get none."""
     out: set[str] = set()
     for layer in graph.layers:
-        prop = layer.propagate_down or (True,) * len(layer.bottoms)
         learns = any(p.lr_mult != 0 and not p.state for p in layer.params)
-        reads = any(b in out and d for b, d in zip(layer.bottoms, prop))
+        reads = any(b in out and d for b, d in zip(layer.bottoms, layer.propagate_down))
         if graph.force_backward or learns or reads:
             out.update(layer.tops)
     return out
@@ -1123,8 +1122,11 @@ def time_net(
 
             f_ms = _median_ms(jax.jit(run), (lparams, bottoms, feeds, key), iterations)
             b_ms = None
-            prop = layer.propagate_down or (True,) * len(layer.bottoms)
-            wrt = [i for i, (b, d) in enumerate(zip(layer.bottoms, prop)) if d and b in needs_diff]
+            wrt = [
+                i
+                for i, (b, d) in enumerate(zip(layer.bottoms, layer.propagate_down))
+                if d and b in needs_diff
+            ]
             if entry.backward and (lparams or wrt):
 
                 def back(lp, bs, f, k, run=run, wrt=wrt):
