@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from . import layers as table
 from .errors import InputError, NinccError
@@ -65,6 +66,65 @@ def channels_last_lowering(layer, ctx: LowerCtx, fast: Fast = True):
     if lower is None or not all(len(s) == 4 for s in ctx.top_shapes):
         return None
     return lower.nhwc
+
+
+def _primal(x: Any) -> bool:
+    return isinstance(x, CustomVJPPrimal)
+
+
+def _zero_like(x: Any) -> Any:
+    return jnp.zeros(x.shape, x.dtype) if isinstance(x, SymbolicZero) else x
+
+
+def params_after_bottoms(fn, params: list[Any], bottoms: list[Any]) -> list[Any]:
+    """``fn(params, bottoms)``, differentiated as before, with the params' gradients made to
+    depend on the bottoms' gradients (by adding a zero computed from one element of each).
+
+    The train step donates the params and updates them in place. A layer's input gradient
+    reads its weights, but nothing the layer's update needs depends on that read, so XLA
+    cannot order it before the update overwrites the weights: it copies every such weight at
+    the start of the step and keeps the copy to the end (NIN-ZFNet's 144 MB fc6 among them).
+    Tied this way, each update waits only for its own layer's input gradient. The zero is
+    ``0 * isnan(...)``: a NaN does not spread to the params through it. Only bottoms JAX
+    differentiates are read, so no input gradient is computed that was not needed."""
+    perturbed: list[bool] = []
+
+    @jax.custom_vjp
+    def run(p, b):
+        return fn(p, b)
+
+    def run_fwd(p, b):
+        perturbed[:] = [x.perturbed for x in b]
+        p, b = jax.tree_util.tree_map(lambda x: x.value, (p, b), is_leaf=_primal)
+        return jax.vjp(fn, p, b)
+
+    def run_bwd(vjp, cts):
+        dp, db = vjp(jax.tree_util.tree_map(_zero_like, cts, is_leaf=_is_zero))
+        firsts = [
+            d.reshape(-1)[:1].astype(jnp.float32)
+            for d, used in zip(db, perturbed, strict=True)
+            if used and d.size and jnp.issubdtype(d.dtype, jnp.floating)
+        ]
+        if firsts:
+            zero = jnp.sum(jnp.isnan(jnp.concatenate(firsts)).astype(jnp.float32)) * 0.0
+            dp = [d + zero.astype(d.dtype) for d in dp]
+        return dp, db
+
+    run.defvjp(run_fwd, run_bwd, symbolic_zeros=True)
+    return run(params, bottoms)
+
+
+def _is_zero(x: Any) -> bool:
+    return isinstance(x, SymbolicZero)
+
+
+def _tie_grads(layer, fast: Fast) -> bool:
+    """Whether run_graph ties ``layer``'s param gradients to its input gradients: the fast
+    lowerings' graph only (the table's stays the plain reference), layers with learnable
+    blobs and bottoms, and no running statistics (their forward writes state)."""
+    return bool(fast) and bool(layer.bottoms) and bool(layer.params) and not any(
+        p.state for p in layer.params
+    )
 
 
 def layer_ctx(graph: Graph, layer, key: Any, feeds: Mapping[str, Any]) -> LowerCtx:
@@ -126,7 +186,15 @@ def run_graph(
             )
         ]
         with jax.named_scope(layer.name):
-            tops = lower(layer.attrs, layer_params(params, layer, graph), bottoms, ctx)
+            lp = layer_params(params, layer, graph)
+            if _tie_grads(layer, fast):
+                tops = params_after_bottoms(
+                    lambda p, b, lower=lower, layer=layer, ctx=ctx: lower(layer.attrs, p, b, ctx),
+                    lp,
+                    bottoms,
+                )
+            else:
+                tops = lower(layer.attrs, lp, bottoms, ctx)
         if len(tops) != len(layer.tops):
             raise NinccError(
                 f"layer '{layer.name}' ({layer.type}) produced {len(tops)} tops, "

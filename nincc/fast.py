@@ -495,20 +495,47 @@ def _lrn_nhwc(a: LRNAttrs, params, bottoms, ctx):
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _relu(x: Any, slope: float) -> Any:
-    """Caffe's ReLU, max(x, 0) + slope * min(x, 0), whose backward reads its top as Caffe's
-    in-place ReLU does: for slope >= 0, top > 0 exactly where x > 0 (Caffe's gradient at
-    x == 0 is the slope). Autodiff keeps the bottom alive for the mask as well as the top
-    the next layer keeps, one more activation per ReLU."""
+    """Caffe's ReLU, max(x, 0) + slope * min(x, 0). Its backward needs only where the top is
+    positive (for slope >= 0 exactly where x > 0; Caffe's gradient at x == 0 is the slope),
+    so the forward keeps that as a bit mask (see _pack_bits)."""
     return jnp.where(x > 0, x, x * slope)
+
+
+_BIT = 8  # mask bits per uint8
+
+
+def _pack_bits(m: Any) -> Any:
+    """A boolean array as a flat uint8 array, 8 elements per byte.
+
+    The mask is the ReLU's only residual. Kept as the top itself (or as a byte per element),
+    XLA recomputes it inside the backward's fusion from the bottom, which then stays alive
+    until the backward: two activations per ReLU. A reduction is not duplicated that way,
+    and the mask is 1/32 of an activation."""
+    flat = m.reshape(-1).astype(jnp.uint8)
+    pad = -flat.shape[0] % _BIT
+    if pad:
+        flat = jnp.pad(flat, (0, pad))
+    shifts = jnp.arange(_BIT, dtype=jnp.uint8)[None, :]
+    return jnp.sum(flat.reshape(-1, _BIT) << shifts, axis=1, dtype=jnp.uint8)
+
+
+def _unpack_bits(packed: Any, shape: Shape) -> Any:
+    """The inverse of _pack_bits: a boolean array of ``shape``."""
+    shifts = jnp.arange(_BIT, dtype=jnp.uint8)[None, :]
+    bits = (packed[:, None] >> shifts) & jnp.uint8(1)
+    size = 1
+    for d in shape:
+        size *= d
+    return bits.reshape(-1)[:size].reshape(shape) != 0
 
 
 def _relu_fwd(x, slope):
     y = _relu(x, slope)
-    return y, y
+    return y, _pack_bits(y > 0)
 
 
-def _relu_bwd(slope, y, dy):
-    return (jnp.where(y > 0, dy, dy * slope),)
+def _relu_bwd(slope, packed, dy):
+    return (jnp.where(_unpack_bits(packed, dy.shape), dy, dy * slope),)
 
 
 _relu.defvjp(_relu_fwd, _relu_bwd)

@@ -337,14 +337,26 @@ def test_whole_net_gradients_match_with_fast_lowerings():
 
 
 @pytest.mark.parametrize("slope", [0.0, 0.1])
-def test_relu_backward_from_its_top_matches_table_at_zero(slope):
-    """The fast ReLU's backward reads its top (as Caffe's in-place ReLU); at x == 0 exactly the
-    gradient is still Caffe's negative_slope, and negative values pass slope * dy."""
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 3, 5, 7)])
+def test_relu_backward_from_its_mask_matches_table_at_zero(slope, shape):
+    """The fast ReLU's backward reads a bit mask of where its top is positive (as Caffe's
+    in-place ReLU reads its top); at x == 0 exactly the gradient is still Caffe's
+    negative_slope, and negative values pass slope * dy. 105 elements: the mask's last byte
+    is partly padding."""
     attrs = layer_attrs("ReLU", f"relu_param {{ negative_slope: {slope} }}")
-    x = np.random.default_rng(3).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
     x[0, 0, 0, :3] = 0.0
-    x[1, 2] = -np.abs(x[1, 2])
+    x[-1, 2] = -np.abs(x[-1, 2])
     compare("ReLU", attrs, [], [jnp.asarray(x)])
+
+
+@pytest.mark.parametrize("size", [1, 7, 8, 9, 64, 1001])
+def test_bit_mask_round_trip(size):
+    m = np.random.default_rng(size).random(size) < 0.5
+    shape = (size,) if size % 7 else (size // 7, 7)
+    packed = fast._pack_bits(jnp.asarray(m.reshape(shape)))
+    assert packed.dtype == jnp.uint8 and packed.shape == (-(-size // 8),)
+    np.testing.assert_array_equal(np.asarray(fast._unpack_bits(packed, shape)), m.reshape(shape))
 
 
 def test_relu_with_a_negative_slope_is_left_to_the_table():
