@@ -17,7 +17,7 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from . import layers as table
 from .errors import InputError, NinccError
-from .fast import lowering_for, to_nchw, to_nhwc
+from .fast import after, lowering_for, to_nchw, to_nhwc
 from .ir import Graph
 from .layers.base import LowerCtx
 
@@ -84,9 +84,9 @@ def params_after_bottoms(fn, params: list[Any], bottoms: list[Any]) -> list[Any]
     reads its weights, but nothing the layer's update needs depends on that read, so XLA
     cannot order it before the update overwrites the weights: it copies every such weight at
     the start of the step and keeps the copy to the end (NIN-ZFNet's 144 MB fc6 among them).
-    Tied this way, each update waits only for its own layer's input gradient. The zero is
-    ``0 * isnan(...)``: a NaN does not spread to the params through it. Only bottoms JAX
-    differentiates are read, so no input gradient is computed that was not needed."""
+    Tied this way (nincc.fast.after), each update waits only for its own layer's input
+    gradient. Only bottoms JAX differentiates are read, so no input gradient is computed that
+    was not needed."""
     perturbed: list[bool] = []
 
     @jax.custom_vjp
@@ -100,15 +100,8 @@ def params_after_bottoms(fn, params: list[Any], bottoms: list[Any]) -> list[Any]
 
     def run_bwd(vjp, cts):
         dp, db = vjp(jax.tree_util.tree_map(_zero_like, cts, is_leaf=_is_zero))
-        firsts = [
-            d.reshape(-1)[:1].astype(jnp.float32)
-            for d, used in zip(db, perturbed, strict=True)
-            if used and d.size and jnp.issubdtype(d.dtype, jnp.floating)
-        ]
-        if firsts:
-            zero = jnp.sum(jnp.isnan(jnp.concatenate(firsts)).astype(jnp.float32)) * 0.0
-            dp = [d + zero.astype(d.dtype) for d in dp]
-        return dp, db
+        used = [d for d, p in zip(db, perturbed, strict=True) if p]
+        return [after(d, used) for d in dp], db
 
     run.defvjp(run_fwd, run_bwd, symbolic_zeros=True)
     return run(params, bottoms)

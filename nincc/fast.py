@@ -107,6 +107,27 @@ def _is_conv2d(a: ConvAttrs, bottom_shapes: list[Shape]) -> bool:
     )
 
 
+def zero_after(values: Sequence[Any]) -> Any:
+    """A float32 zero computed from one element of each of ``values``: adding it makes a value
+    depend on them without changing it. XLA schedules, merges and fuses by data dependence
+    only; this is how nincc orders work it would otherwise move. ``0 * isnan(...)``, so a NaN
+    does not spread through it."""
+    firsts = [
+        v.reshape(-1)[:1].astype(jnp.float32)
+        for v in values
+        if v.size and jnp.issubdtype(v.dtype, jnp.floating)
+    ]
+    if not firsts:
+        return None
+    return jnp.sum(jnp.isnan(jnp.concatenate(firsts)).astype(jnp.float32)) * 0.0
+
+
+def after(x: Any, values: Sequence[Any]) -> Any:
+    """``x``, unchanged, but computed after ``values`` (see zero_after)."""
+    zero = zero_after(values)
+    return x if zero is None else x + zero.astype(x.dtype)
+
+
 def _rows(x: Any) -> Any:
     """A channels-last array as a (pixels, channels) matrix."""
     return x.reshape(-1, x.shape[-1])
@@ -459,6 +480,15 @@ def _neg_pow(s: Any, beta: float) -> Any:
     return jnp.power(s, -beta)
 
 
+def _neg_pow_fused(s: Any, beta: float) -> Any:
+    """_neg_pow with each intermediate used once, for beta 0.75: rsqrt(s * sqrt(s)). XLA does
+    not repeat an expensive operation for a second user, so _neg_pow's rsqrt gets a buffer of
+    its own, as does its square root; this form fuses into one loop."""
+    if beta == 0.75:
+        return lax.rsqrt(s * jnp.sqrt(s))
+    return _neg_pow(s, beta)
+
+
 def _lrn_scale(x: Any, a: LRNAttrs) -> Any:
     return a.k + (a.alpha / a.local_size) * _channel_window_sum(x * x, a.local_size)
 
@@ -476,8 +506,12 @@ def _lrn_fwd(x, a):
 def _lrn_bwd(a, x, dy):
     # Caffe's CrossChannelBackward: dx = dy * scale^-beta
     #   - (2 alpha beta / n) * x * sum over the window of (dy * y / scale), y = x * scale^-beta
+    # Computed from x after dy (see after): else XLA merges the recomputed scale with the
+    # forward's, or runs it during the forward, and keeps it alive until here (NIN-ZFNet b16:
+    # two 71 MB buffers).
+    x = after(x, [dy])
     scale = _lrn_scale(x, a)
-    inv = _neg_pow(scale, a.beta)
+    inv = _neg_pow_fused(scale, a.beta)
     ratio = _channel_window_sum(dy * x * inv / scale, a.local_size)
     coeff = 2.0 * a.alpha * a.beta / a.local_size
     return (dy * inv - coeff * x * ratio,)
