@@ -72,8 +72,12 @@ def _primal(x: Any) -> bool:
     return isinstance(x, CustomVJPPrimal)
 
 
+def _is_zero(x: Any) -> bool:
+    return isinstance(x, SymbolicZero)
+
+
 def _zero_like(x: Any) -> Any:
-    return jnp.zeros(x.shape, x.dtype) if isinstance(x, SymbolicZero) else x
+    return jnp.zeros(x.shape, x.dtype) if _is_zero(x) else x
 
 
 def params_after_bottoms(fn, params: list[Any], bottoms: list[Any]) -> list[Any]:
@@ -105,10 +109,6 @@ def params_after_bottoms(fn, params: list[Any], bottoms: list[Any]) -> list[Any]
 
     run.defvjp(run_fwd, run_bwd, symbolic_zeros=True)
     return run(params, bottoms)
-
-
-def _is_zero(x: Any) -> bool:
-    return isinstance(x, SymbolicZero)
 
 
 def _tie_grads(layer, fast: Fast) -> bool:

@@ -30,6 +30,7 @@ What is here, and why, is measured in docs/performance.md:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -557,10 +558,7 @@ def _unpack_bits(packed: Any, shape: Shape) -> Any:
     """The inverse of _pack_bits: a boolean array of ``shape``."""
     shifts = jnp.arange(_BIT, dtype=jnp.uint8)[None, :]
     bits = (packed[:, None] >> shifts) & jnp.uint8(1)
-    size = 1
-    for d in shape:
-        size *= d
-    return bits.reshape(-1)[:size].reshape(shape) != 0
+    return bits.reshape(-1)[: math.prod(shape)].reshape(shape) != 0
 
 
 def _relu_fwd(x, slope):
