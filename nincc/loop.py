@@ -536,7 +536,10 @@ class Solver:
             log.warning("the train net has no loss layer: nothing to minimise")
         outputs = [b for b, _, _ in output_blobs(self.graph)]
         if parallel is None:
-            self.trainer = Trainer(self.net, self.cfg, outputs)
+            # Between steps XLA:CPU's convolutions want their weights (kh, kw, in, out)
+            # (nincc.layout); `params` and `opt_state` still read and write Caffe's layout.
+            cpu = jax.default_backend() == "cpu"
+            self.trainer = Trainer(self.net, self.cfg, outputs, held_layout=cpu)
         else:
             self.trainer = parallel.trainer(self.net, self.cfg, outputs)
         self.params = self._place(self.net.init(seed))
@@ -552,7 +555,7 @@ class Solver:
         ] if self.is_main else []
         self._test_fns = [_forward_fn(n) for n in self.test_nets]
         self._test_own = [
-            {k: v for k, v in n.init(seed).items() if k not in self.params} for n in self.test_nets
+            {k: v for k, v in n.init(seed).items() if k not in self._params} for n in self.test_nets
         ]
         self._test_counts = [0] * len(self.test_nets)
         self._feed_count = 0
@@ -566,6 +569,24 @@ class Solver:
         self.smoothed_loss = np.float32(0)
 
     # ---------------------------------------------------------------- placement
+
+    @property
+    def params(self) -> dict[str, list]:
+        """The train net's weights, in Caffe's layout (replicated arrays when parallel)."""
+        return self.trainer.caffe(self._params)
+
+    @params.setter
+    def params(self, value: Mapping[str, Sequence[Any]]) -> None:
+        self._params = self.trainer.held(value)
+
+    @property
+    def opt_state(self) -> Any:
+        """The solver state (iteration, rate, history), its history in Caffe's layout."""
+        return self.trainer.caffe(self._opt_state)
+
+    @opt_state.setter
+    def opt_state(self, value: Any) -> None:
+        self._opt_state = self.trainer.held(value)
 
     @property
     def is_main(self) -> bool:
@@ -830,8 +851,8 @@ class Solver:
 
                 pending, self._request = self._request, None
                 extra["request"] = REQUESTS[pending]
-            self.params, self.opt_state, res = self.trainer.step(
-                self.params, self.opt_state, self._next_feeds(), self.rng, it=self.iter, **extra
+            self._params, self._opt_state, res = self.trainer.step(
+                self._params, self._opt_state, self._next_feeds(), self.rng, it=self.iter, **extra
             )
             loss, rate, outputs = res.loss, res.rate, res.outputs
             if not math.isfinite(loss):

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from .compile import CompiledNet, run_graph, total_loss
+from .layout import kernel_layout, to_caffe, to_held
 from .solver import CaffeState, SolverConfig, caffe_solver, learning_rate, param_multipliers
 
 
@@ -59,6 +60,17 @@ def caffe_mean_loss(losses: Sequence[float]) -> float:
     return float(total / np.float32(len(losses)))
 
 
+def _convert(tree: Any, layout: Mapping[str, Any], fn) -> Any:
+    if not layout:
+        return tree
+    if isinstance(tree, CaffeState):
+        h2 = tree.history2
+        return tree._replace(
+            history=fn(tree.history, layout), history2=None if h2 is None else fn(h2, layout)
+        )
+    return fn(tree, layout)
+
+
 class Trainer:
     """Runs Caffe's Solver::Step on a compiled TRAIN net.
 
@@ -66,10 +78,22 @@ class Trainer:
     forward) and returns ``(params, opt_state, StepResult)``. Blobs that forward updates
     (BatchNorm statistics) are carried from pass to pass, as in Caffe. ``outputs`` names blobs
     whose last-pass values the step also returns. The net's lowerings (``net.fast``) are used.
+
+    With ``held_layout`` the step takes and returns k×k convolution weights, and their solver
+    history, as the kernels read them ((kh, kw, in, out), :mod:`nincc.layout`): convert with
+    :meth:`held` before the first step (params, or the state from :meth:`init` on Caffe-layout
+    params) and with :meth:`caffe` to read or save them. Without it both are the identity.
     """
 
-    def __init__(self, net: CompiledNet, cfg: SolverConfig, outputs: Sequence[str] = ()):
+    def __init__(
+        self,
+        net: CompiledNet,
+        cfg: SolverConfig,
+        outputs: Sequence[str] = (),
+        held_layout: bool = False,
+    ):
         self.net, self.cfg = net, cfg
+        self.layout = kernel_layout(net.graph) if held_layout else {}
         lr, decay = param_multipliers(net.graph)
         self.tx = caffe_solver(cfg, lr, decay)
         ids = net.graph.blob_values()
@@ -78,6 +102,14 @@ class Trainer:
 
     def init(self, params: Mapping[str, Sequence[Any]]) -> CaffeState:
         return self.tx.init(params)
+
+    def held(self, tree: Any) -> Any:
+        """Params (or a :class:`CaffeState`'s history) in Caffe's layout → the step's."""
+        return _convert(tree, self.layout, to_held)
+
+    def caffe(self, tree: Any) -> Any:
+        """Params (or a :class:`CaffeState`'s history) in the step's layout → Caffe's."""
+        return _convert(tree, self.layout, to_caffe)
 
     def _passes(self, params, feeds, keys):
         """The iter_size forward/backward passes of one iteration (traceable).
@@ -91,7 +123,7 @@ class Trainer:
         state_layers: set[str] = set()
 
         def loss_fn(p, f, k):
-            env, state = run_graph(graph, p, f, k, fast=fast)
+            env, state = run_graph(graph, to_caffe(p, self.layout), f, k, fast=fast)
             return total_loss(graph, env), (state, {b: env[v] for b, v in outputs})
 
         def one(carry, xs):
@@ -99,7 +131,7 @@ class Trainer:
             f, k = xs
             (loss, (state, outs)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, f, k)
             acc = jax.tree_util.tree_map(jnp.add, acc, g)
-            for name, arrays in state.items():
+            for name, arrays in to_held(state, self.layout).items():
                 p = {**p, name: list(arrays)}
                 state_layers.add(name)
             return (p, acc), (loss, outs)

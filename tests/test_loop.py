@@ -299,6 +299,8 @@ def test_resume_from_caffe_snapshot_reproduces_caffe(case, state, tmp_path, monk
     src, work, m, solver = _resume_case(case, state, tmp_path, monkeypatch)
     tol = m["tolerances"]
     assert solver.iter == 6
+    # The step holds the 3x3 weights (kh, kw, in, out): restore, params and snapshot convert.
+    assert solver.trainer.layout
     with np.load(work / "resume_trajectory.npz") as z:
         ref = {k: z[k] for k in z.files}
     for k in range(7, 13):

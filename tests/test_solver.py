@@ -21,7 +21,7 @@ from .fixture_harness import close, param_split
 CASES = sorted(p.name for p in FIXTURES.glob("solver_*")) if FIXTURES.is_dir() else []
 
 
-def _run(case, monkeypatch, iters: int):
+def _run(case, monkeypatch, iters: int, held: bool = False):
     path = FIXTURES / case
     monkeypatch.chdir(path)
     sp = load_solver(path / "solver.prototxt")
@@ -30,8 +30,10 @@ def _run(case, monkeypatch, iters: int):
     net = nincc.compile(nincc.build_graph(net_param, phase="TRAIN"))
     params, _ = match_weights(read_caffemodel(path / "init.caffemodel"), net.graph.param_shapes())
     params = {k: [jnp.asarray(a) for a in v] for k, v in params.items()}
-    trainer = Trainer(net, cfg)
-    state = trainer.init(params)
+    trainer = Trainer(net, cfg, held_layout=held)
+    assert bool(trainer.layout) == held  # every case has a 3x3 convolution
+    state = trainer.held(trainer.init(params))
+    params = trainer.held(params)
     (source,) = sources_for(net.graph, net_param)
     results = []
     snapshots = []
@@ -39,14 +41,15 @@ def _run(case, monkeypatch, iters: int):
         feeds = [source.next() for _ in range(cfg.iter_size)]
         params, state, res = trainer.step(params, state, feeds)
         results.append(res)
-        snapshots.append({k: [np.asarray(a) for a in v] for k, v in params.items()})
+        snapshots.append({k: [np.asarray(a) for a in v] for k, v in trainer.caffe(params).items()})
     return json.loads((path / "manifest.json").read_text()), results, snapshots
 
 
+@pytest.mark.parametrize("held", [False, True], ids=["caffe_layout", "held_layout"])
 @pytest.mark.parametrize("case", CASES)
-def test_solver_trajectory(case, monkeypatch):
+def test_solver_trajectory(case, held, monkeypatch):
     m = json.loads((FIXTURES / case / "manifest.json").read_text())
-    m, results, snapshots = _run(case, monkeypatch, m["iterations"])
+    m, results, snapshots = _run(case, monkeypatch, m["iterations"], held)
     tol = m["tolerances"]
     with np.load(FIXTURES / case / "trajectory.npz", allow_pickle=False) as d:
         ref = {k: d[k] for k in d.files}

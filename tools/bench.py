@@ -332,7 +332,9 @@ class NinccTrain:
 
         self.kind = kind
         cfg = SolverConfig(type="SGD", momentum=0.9, base_lr=0.01)
-        self.trainer = Trainer(nincc.compile(graph, fast=lowering(kind)), cfg)
+        # As nincc.loop.Solver does on the CPU: k×k weights held as the kernels read them.
+        self.trainer = Trainer(nincc.compile(graph, fast=lowering(kind)), cfg, held_layout=True)
+        params = self.trainer.held(params)
         self.params = jax.tree_util.tree_map(jnp.array, params)  # copies: the step donates them
         self.opt = self.trainer.init(self.params)
         self.feeds = [jax.device_put(inputs)]
