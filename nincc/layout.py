@@ -3,7 +3,7 @@
 Caffe stores a convolution's weights as (out, in, kh, kw). XLA's CPU convolutions read them
 as (kh, kw, in, out), so a step that takes Caffe's layout transposes every k×k weight on the
 way in, and its update reads the weight gradient back through the opposite transpose: about
-45 ms of a 400 ms NIN ImageNet b16 step for its conv4 alone (docs/performance.md, section 18).
+45 ms of a 400 ms NIN ImageNet b16 step for its conv4 alone (docs/performance.md, section 16).
 Held as (kh, kw, in, out) between steps, the weights need neither: the step converts them to
 Caffe's layout inside the traced function, where XLA cancels that transpose against the
 convolution's own, and the gradient comes back in the held layout. Every Caffe solver update is
