@@ -368,14 +368,43 @@ def _max_pool(x: Any, g: PoolGeom) -> Any:
 
 def _max_pool_fwd(x, g):
     val, first = _max_and_first(x, g)
-    return val, (x.shape, first)
+    return val, (x.shape, _pack_pairs(first, g.kernel[0] * g.kernel[1]))
+
+
+def _pack_pairs(first: Any, top: int) -> Any:
+    """Window indices in [0, top] as a flat array, two per element (4 bits each below 16).
+
+    Kept as they are, XLA recomputes the window scan inside the backward's fusions from the
+    pooling's input (several times per element, and keeping that input alive); a reduction
+    is not recomputed that way (as for the ReLU's mask, _pack_bits)."""
+    bits = 4 if top < 16 else 8 if top < 256 else 0
+    if not bits:
+        return first
+    dt = jnp.uint8 if bits == 4 else jnp.uint16
+    flat = first.reshape(-1).astype(dt)
+    if flat.shape[0] % 2:
+        flat = jnp.pad(flat, (0, 1))
+    shifts = jnp.asarray([0, bits], dt)[None, :]
+    return jnp.sum(flat.reshape(-1, 2) << shifts, axis=1, dtype=dt)
+
+
+def _unpack_pairs(packed: Any, shape: Shape, top: int) -> Any:
+    """The inverse of _pack_pairs: the indices, of ``shape``."""
+    bits = 4 if top < 16 else 8 if top < 256 else 0
+    if not bits:
+        return packed
+    dt = packed.dtype
+    shifts = jnp.asarray([0, bits], dt)[None, :]
+    vals = (packed[:, None] >> shifts) & jnp.asarray((1 << bits) - 1, dt)
+    return vals.reshape(-1)[: math.prod(shape)].reshape(shape)
 
 
 def _max_pool_bwd(g, res, dy):
     # The window's gradient goes to the offset that won it; each offset's share is folded
     # back onto the input grid with shifted copies (no scatter).
-    shape, first = res
+    shape, packed = res
     kh, kw = g.kernel
+    first = _unpack_pairs(packed, dy.shape, kh * kw)
     zero = jnp.asarray(0, dy.dtype)
     parts = {divmod(k, kw): jnp.where(first == k, dy, zero) for k in range(kh * kw)}
     return (_unfold(parts, g, shape),)

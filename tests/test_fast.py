@@ -195,6 +195,8 @@ POOLS = [
     ("MAX", 3, 2, 2, 3, 1, 1, 11, 10),
     ("MAX", 5, 5, 3, 3, 2, 2, 12, 12),  # pad and Caffe's clip of the last window
     ("MAX", 2, 2, 3, 3, 0, 0, 10, 10),  # stride > kernel: gaps no window reads
+    ("MAX", 4, 4, 2, 2, 1, 1, 9, 9),  # 16 offsets: window index packed 8 bits wide
+    ("MAX", 17, 16, 1, 1, 0, 0, 18, 17),  # 272 offsets: window index left unpacked
     ("AVE", 3, 3, 2, 2, 0, 0, 16, 16),  # NIN CIFAR-10 pool2
     ("AVE", 3, 3, 2, 2, 1, 1, 9, 9),  # divisor counts padding, not the overhang
     ("AVE", 4, 3, 2, 3, 1, 1, 10, 11),
@@ -357,6 +359,19 @@ def test_bit_mask_round_trip(size):
     packed = fast._pack_bits(jnp.asarray(m.reshape(shape)))
     assert packed.dtype == jnp.uint8 and packed.shape == (-(-size // 8),)
     np.testing.assert_array_equal(np.asarray(fast._unpack_bits(packed, shape)), m.reshape(shape))
+
+
+@pytest.mark.parametrize("top,size", [(9, 7), (9, 64), (15, 1), (16, 33), (255, 10), (256, 5)])
+def test_window_index_pair_round_trip(top, size):
+    """Two window indices per element: 4 bits each below 16, 8 bits below 256, else as is."""
+    first = np.random.default_rng(size).integers(0, top + 1, size)
+    shape = (size,) if size % 11 else (size // 11, 11)
+    packed = fast._pack_pairs(jnp.asarray(first.reshape(shape), jnp.int32), top)
+    if top < 256:
+        assert packed.dtype == (jnp.uint8 if top < 16 else jnp.uint16)
+        assert packed.shape == (-(-size // 2),)
+    got = np.asarray(fast._unpack_pairs(packed, shape, top))
+    np.testing.assert_array_equal(got, first.reshape(shape))
 
 
 def test_relu_with_a_negative_slope_is_left_to_the_table():
