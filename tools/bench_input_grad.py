@@ -11,8 +11,6 @@ max |dx|. The kernel is held (kh, kw, in, out), as the CPU train step holds it.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import nincc.xla_flags
 
@@ -20,6 +18,7 @@ nincc.xla_flags.apply()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from bench_layout import median_time  # noqa: E402
 from jax import lax  # noqa: E402
 
 # (name, batch, square input size, in channels, out channels, kernel), stride 1, "same" pad
@@ -71,16 +70,6 @@ def candidates(n: int, h: int, c: int, o: int, k: int):
     return {"xla": xla, "product": product}
 
 
-def median_ms(fn, args, repeat: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=15)
@@ -97,8 +86,8 @@ def main() -> None:
         for impl, f in candidates(n, h, c, o, k).items():
             bwd = jax.jit(lambda a, w, d, f=f: jax.vjp(f, a, w)[1](d))
             dx = jax.jit(lambda a, w, d, f=f: jax.vjp(lambda b: f(b, w), a)[1](d)[0])
-            t_bwd = median_ms(bwd, (x, wh, g), args.repeat)
-            t_dx = median_ms(dx, (x, wh, g), args.repeat)
+            t_bwd = 1000 * median_time(bwd, x, wh, g, repeat=args.repeat)
+            t_dx = 1000 * median_time(dx, x, wh, g, repeat=args.repeat)
             got = dx(x, wh, g)
             ref = got if ref is None else ref
             err = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
