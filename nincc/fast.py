@@ -371,32 +371,27 @@ def _max_pool_fwd(x, g):
     return val, (x.shape, _pack_pairs(first, g.kernel[0] * g.kernel[1]))
 
 
+def _pair_bits(top: int) -> int:
+    """Bits per window index in [0, top] when packed two per element (0: left unpacked)."""
+    return 4 if top < 16 else 8 if top < 256 else 0
+
+
 def _pack_pairs(first: Any, top: int) -> Any:
     """Window indices in [0, top] as a flat array, two per element (4 bits each below 16).
 
     Kept as they are, XLA recomputes the window scan inside the backward's fusions from the
     pooling's input (several times per element, and keeping that input alive); a reduction
     is not recomputed that way (as for the ReLU's mask, _pack_bits)."""
-    bits = 4 if top < 16 else 8 if top < 256 else 0
+    bits = _pair_bits(top)
     if not bits:
         return first
-    dt = jnp.uint8 if bits == 4 else jnp.uint16
-    flat = first.reshape(-1).astype(dt)
-    if flat.shape[0] % 2:
-        flat = jnp.pad(flat, (0, 1))
-    shifts = jnp.asarray([0, bits], dt)[None, :]
-    return jnp.sum(flat.reshape(-1, 2) << shifts, axis=1, dtype=dt)
+    return _pack(first, 2, bits, jnp.uint8 if bits == 4 else jnp.uint16)
 
 
 def _unpack_pairs(packed: Any, shape: Shape, top: int) -> Any:
     """The inverse of _pack_pairs: the indices, of ``shape``."""
-    bits = 4 if top < 16 else 8 if top < 256 else 0
-    if not bits:
-        return packed
-    dt = packed.dtype
-    shifts = jnp.asarray([0, bits], dt)[None, :]
-    vals = (packed[:, None] >> shifts) & jnp.asarray((1 << bits) - 1, dt)
-    return vals.reshape(-1)[: math.prod(shape)].reshape(shape)
+    bits = _pair_bits(top)
+    return _unpack(packed, shape, 2, bits) if bits else packed
 
 
 def _max_pool_bwd(g, res, dy):
@@ -568,6 +563,25 @@ def _relu(x: Any, slope: float) -> Any:
 _BIT = 8  # mask bits per uint8
 
 
+def _pack(v: Any, per: int, bits: int, dt: Any) -> Any:
+    """Non-negative integers below 2**bits as a flat array of ``dt``, ``per`` to an element,
+    by a reduction: XLA does not recompute a reduction inside its consumers' fusions."""
+    flat = v.reshape(-1).astype(dt)
+    pad = -flat.shape[0] % per
+    if pad:
+        flat = jnp.pad(flat, (0, pad))
+    shifts = (jnp.arange(per, dtype=dt) * bits)[None, :]
+    return jnp.sum(flat.reshape(-1, per) << shifts, axis=1, dtype=dt)
+
+
+def _unpack(packed: Any, shape: Shape, per: int, bits: int) -> Any:
+    """The inverse of _pack: the integers, of ``shape``, in ``packed``'s dtype."""
+    dt = packed.dtype
+    shifts = (jnp.arange(per, dtype=dt) * bits)[None, :]
+    vals = (packed[:, None] >> shifts) & jnp.asarray((1 << bits) - 1, dt)
+    return vals.reshape(-1)[: math.prod(shape)].reshape(shape)
+
+
 def _pack_bits(m: Any) -> Any:
     """A boolean array as a flat uint8 array, 8 elements per byte.
 
@@ -575,19 +589,12 @@ def _pack_bits(m: Any) -> Any:
     XLA recomputes it inside the backward's fusion from the bottom, which then stays alive
     until the backward: two activations per ReLU. A reduction is not duplicated that way,
     and the mask is 1/32 of an activation."""
-    flat = m.reshape(-1).astype(jnp.uint8)
-    pad = -flat.shape[0] % _BIT
-    if pad:
-        flat = jnp.pad(flat, (0, pad))
-    shifts = jnp.arange(_BIT, dtype=jnp.uint8)[None, :]
-    return jnp.sum(flat.reshape(-1, _BIT) << shifts, axis=1, dtype=jnp.uint8)
+    return _pack(m, _BIT, 1, jnp.uint8)
 
 
 def _unpack_bits(packed: Any, shape: Shape) -> Any:
     """The inverse of _pack_bits: a boolean array of ``shape``."""
-    shifts = jnp.arange(_BIT, dtype=jnp.uint8)[None, :]
-    bits = (packed[:, None] >> shifts) & jnp.uint8(1)
-    return bits.reshape(-1)[: math.prod(shape)].reshape(shape) != 0
+    return _unpack(packed, shape, _BIT, 1) != 0
 
 
 def _relu_fwd(x, slope):
