@@ -14,9 +14,10 @@ tested against (tests/test_fast.py), forward and gradients, within the fixture t
 
 What is here, and why, is measured in docs/performance.md:
 
-- 2-D convolutions: XLA's convolution channels-last; 1x1 (CCCP) ones as one product over
-  channels with a custom backward (dx by the transposed product, dw by one product contracting
-  batch and pixels), where autodiff gives XLA:CPU a whole-image-window convolution; strided
+- 2-D convolutions: XLA's convolution channels-last; 1x1 (CCCP) ones, when differentiated, as
+  one product over channels with a custom backward (dx by the transposed product, dw by one
+  product contracting batch and pixels), where autodiff gives XLA:CPU a whole-image-window
+  convolution, and in inference as XLA's 1x1 convolution, which runs them faster; strided
   ones with their input gradient by output phases, where autodiff dilates dy by the stride;
 - MAX and AVE pooling: the forward records which kernel offset won each window; gradients are
   folded back onto the input phase by phase from shifted copies (no scatter, no strided pads);
@@ -129,20 +130,35 @@ def after(x: Any, values: Sequence[Any]) -> Any:
     return x if zero is None else x + zero.astype(x.dtype)
 
 
+_CONV_DN = ("NHWC", "OIHW", "NHWC")
+
+
 def _rows(x: Any) -> Any:
     """A channels-last array as a (pixels, channels) matrix."""
     return x.reshape(-1, x.shape[-1])
 
 
-@jax.custom_vjp
-def _pointwise(x: Any, w: Any) -> Any:
-    """x (N, H, W, C) times w (O, C) over channels: a 1x1 convolution as one product."""
+def _pointwise_product(x: Any, w: Any) -> Any:
+    """x (N, H, W, C) times w (O, C) over channels as one (pixels, C) x (C, O) product."""
     y = lax.dot_general(_rows(x), w, (((1,), (1,)), ((), ())))
     return y.reshape(*x.shape[:3], w.shape[0])
 
 
+@jax.custom_vjp
+def _pointwise(x: Any, w: Any) -> Any:
+    """x (N, H, W, C) times w (O, C) over channels: a 1x1 convolution.
+
+    Where no gradient is taken (inference) it runs as XLA's own 1x1 convolution, which
+    XLA:CPU gives to Eigen; under differentiation the forward is the product that the
+    backward's products pair with (docs/performance.md, section 21).
+    """
+    return lax.conv_general_dilated(
+        x, w[:, :, None, None], (1, 1), "VALID", dimension_numbers=_CONV_DN
+    )
+
+
 def _pointwise_fwd(x, w):
-    return _pointwise(x, w), (x, w)
+    return _pointwise_product(x, w), (x, w)
 
 
 def _pointwise_bwd(res, dy):
@@ -181,9 +197,6 @@ _add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-_CONV_DN = ("NHWC", "OIHW", "NHWC")
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
