@@ -897,10 +897,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--grad-tolerance",
         type=float,
-        default=1e-2,
+        default=3e-2,
         help="weight gradients must agree within this x max|ref|: near ties in MAX "
         "pooling after ReLU at initialisation route gradients differently in any "
-        "two float32 implementations (float32 and float64 PyTorch differ by ~5e-4)",
+        "two float32 implementations (up to 1.9e-2 in NIN-ZFNet's middle layers, where "
+        "the layers next to the loss agree to ~1e-6)",
     )
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument(
