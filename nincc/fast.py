@@ -152,9 +152,7 @@ def _pointwise(x: Any, w: Any) -> Any:
     XLA:CPU gives to Eigen; under differentiation the forward is the product that the
     backward's products pair with (docs/performance.md, section 21).
     """
-    return lax.conv_general_dilated(
-        x, w[:, :, None, None], (1, 1), "VALID", dimension_numbers=_CONV_DN
-    )
+    return _xla_conv(x, w[:, :, None, None], (1, 1), "VALID")
 
 
 def _pointwise_fwd(x, w):
