@@ -20,6 +20,7 @@ from .errors import InputError, NinccError
 from .fast import after, lowering_for, to_nchw, to_nhwc
 from .ir import Graph
 from .layers.base import LowerCtx
+from .layout import Layout, kernel_layout, to_caffe, to_held
 
 Params = dict[str, list[Any]]
 Fast = bool | Collection[str]
@@ -232,6 +233,8 @@ class CompiledNet:
     - ``forward(params, inputs, rng=None)``: ``(blobs, state)`` where ``state`` holds the new
       values of blobs forward updates (BatchNorm statistics), keyed like params.
     - ``loss(params, inputs, rng=None)``: the scalar net loss (sum of loss_weight × loss tops).
+    - ``bind(params)``: a :class:`BoundNet`, the same forwards with the weights placed on the
+      device once, in the layout the kernels read: for repeated calls on the same weights.
 
     ``fast`` chooses the lowerings (see :func:`run_graph`); the default takes nincc.fast's.
     """
@@ -244,9 +247,8 @@ class CompiledNet:
         )
         self._jit = jit and not self.dynamic
         self._blob_ids = graph.blob_values()
-        self._selected: dict[tuple[str, ...], Any] = {}
-        self._apply = self._select(tuple(self._blob_ids))
-        self._loss = self._maybe_jit(self._loss_impl)
+        self._selected: dict[tuple[tuple[str, ...], bool, bool], Any] = {}
+        self.held_layout: Layout = kernel_layout(graph, pointwise=True)
 
     def _maybe_jit(self, fn):
         return jax.jit(fn) if self._jit else fn
@@ -254,18 +256,33 @@ class CompiledNet:
     def _run(self, params, feeds, rng):
         return run_graph(self.graph, params, feeds, rng, fast=self.fast)
 
-    def _select(self, blobs: tuple[str, ...]):
-        """The (cached) function computing just ``blobs`` and the updated state."""
-        fn = self._selected.get(blobs)
+    def _select(self, blobs: tuple[str, ...], held: bool = False, loss: bool = False):
+        """The (cached) function computing just ``blobs``, the updated state and, if asked,
+        the loss (else None), from params in Caffe's layout or (``held``) :attr:`held_layout`."""
+        fn = self._selected.get((blobs, held, loss))
         if fn is None:
             ids = [self._blob_ids[b] for b in blobs]
+            layout = self.held_layout if held else {}
 
             def forward(params, feeds, rng):
-                env, state = self._run(params, feeds, rng)
-                return {b: env[v] for b, v in zip(blobs, ids)}, state
+                # Converted inside the traced function, a held weight's transpose cancels
+                # against the one XLA's convolution would make (nincc.layout).
+                env, state = self._run(to_caffe(params, layout), feeds, rng)
+                values = {b: env[v] for b, v in zip(blobs, ids)}
+                return values, state, total_loss(self.graph, env) if loss else None
 
-            fn = self._selected[blobs] = self._maybe_jit(forward)
+            fn = self._selected[(blobs, held, loss)] = self._maybe_jit(forward)
         return fn
+
+    def _blobs(self, blobs: Sequence[str] | None) -> tuple[str, ...]:
+        if blobs is None:
+            return tuple(self._blob_ids)
+        missing = [b for b in blobs if b not in self._blob_ids]
+        if missing:
+            raise InputError(
+                f"no blob(s) {missing} in the net; blobs are {sorted(self._blob_ids)}"
+            )
+        return tuple(dict.fromkeys(blobs))
 
     @property
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -328,28 +345,59 @@ class CompiledNet:
             feeds[name] = jnp.asarray(arr, jnp.float32)
         return feeds
 
-    def _loss_impl(self, params, feeds, rng):
-        env, state = self._run(params, feeds, rng)
-        return total_loss(self.graph, env), state
-
     def forward(self, params, inputs, rng=None):
-        return self._apply(params, self._feeds(inputs), rng)
+        return self._select(self._blobs(None))(params, self._feeds(inputs), rng)[:2]
 
     def apply(self, params, inputs, rng=None, blobs: Sequence[str] | None = None):
-        if blobs is None:
-            return self.forward(params, inputs, rng)[0]
-        missing = [b for b in blobs if b not in self._blob_ids]
-        if missing:
-            raise InputError(
-                f"no blob(s) {missing} in the net; blobs are {sorted(self._blob_ids)}"
-            )
-        return self._select(tuple(dict.fromkeys(blobs)))(params, self._feeds(inputs), rng)[0]
+        return self._select(self._blobs(blobs))(params, self._feeds(inputs), rng)[0]
 
     def outputs(self, params, inputs, rng=None):
         return self.apply(params, inputs, rng, blobs=self.output_names)
 
     def loss(self, params, inputs, rng=None):
-        return self._loss(params, self._feeds(inputs), rng)[0]
+        return self._select((), loss=True)(params, self._feeds(inputs), rng)[2]
+
+    def bind(self, params: Mapping[str, Sequence[Any]], held: bool | None = None) -> BoundNet:
+        """The net's forwards with ``params`` (Caffe's layout) bound; see :class:`BoundNet`."""
+        return BoundNet(self, params, held)
+
+
+class BoundNet:
+    """A CompiledNet's forwards on fixed weights, placed on the device once.
+
+    On the CPU the convolution weights are held as XLA's convolutions read them, (kh, kw, in,
+    out) (``held``, the default there): the plain forward copies every weight into that
+    layout at each call, 3-10 % of a NIN inference step (docs/performance.md, section 21).
+    Same values, same jitted functions per blob selection as the net's own.
+    """
+
+    def __init__(
+        self, net: CompiledNet, params: Mapping[str, Sequence[Any]], held: bool | None = None
+    ):
+        net.check_params(params)
+        self.net = net
+        self.held = jax.default_backend() == "cpu" if held is None else held
+        placed = {k: [jnp.asarray(a) for a in v] for k, v in params.items()}
+        self.params = to_held(placed, net.held_layout) if self.held else placed
+
+    def function(self, blobs: Sequence[str] | None = None, loss: bool = False):
+        """The jitted ``f(params, feeds, rng) -> ({blob: array}, state, loss or None)`` that
+        :meth:`run` calls with :attr:`params`: to lower, compile or profile it."""
+        return self.net._select(self.net._blobs(blobs), self.held, loss)
+
+    def run(self, inputs, rng=None, blobs: Sequence[str] | None = None, loss: bool = False):
+        """``({blob: array}, state, loss or None)`` in one forward; ``blobs`` defaults to
+        every blob."""
+        return self.function(blobs, loss)(self.params, self.net._feeds(inputs), rng)
+
+    def apply(self, inputs, rng=None, blobs: Sequence[str] | None = None):
+        return self.run(inputs, rng, blobs)[0]
+
+    def outputs(self, inputs, rng=None):
+        return self.apply(inputs, rng, blobs=self.net.output_names)
+
+    def loss(self, inputs, rng=None):
+        return self.run(inputs, rng, blobs=(), loss=True)[2]
 
 
 def compile_graph(graph: Graph, jit: bool = True, fast: Fast = True) -> CompiledNet:

@@ -25,11 +25,13 @@ _TO_CAFFE = (3, 2, 0, 1)
 Layout = dict[str, tuple[bool, ...]]
 
 
-def kernel_layout(graph: Graph) -> Layout:
+def kernel_layout(graph: Graph, pointwise: bool = False) -> Layout:
     """Layer name → for each blob it owns, whether it is held (kh, kw, in, out).
 
-    Only k×k Convolution weights: 1x1 weights are a matrix product's operand either way, and a
-    blob another layer type shares keeps Caffe's layout.
+    Convolution weights only, and by default k×k ones only: a train step's 1x1 convolutions are
+    matrix products, whose weight is an operand in either layout. ``pointwise`` holds 1x1
+    weights too, for a forward without gradients, where they run as XLA convolutions
+    (nincc.fast). A blob another layer type shares keeps Caffe's layout.
     """
     foreign = {
         spec.share
@@ -47,7 +49,7 @@ def kernel_layout(graph: Graph) -> Layout:
             i == 0
             and not s.state
             and len(s.shape) == 4
-            and tuple(s.shape[2:]) != (1, 1)
+            and (pointwise or tuple(s.shape[2:]) != (1, 1))
             and (layer.name, i) not in foreign
             for i, s in owned
         )

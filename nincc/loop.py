@@ -376,19 +376,18 @@ class Feeder:
         self.sources = []
 
 
-def _forward_fn(net: Any) -> Callable:
-    """``f(params, feeds, rng) -> ({output blob: array}, loss)``: the net's outputs only, so the
-    compiled forward keeps its intermediates fused."""
-    from .compile import run_graph, total_loss
+def _forward_fn(net: Any, params: Mapping[str, Sequence[Any]]) -> Callable:
+    """``f(feeds, rng) -> ({output blob: array}, loss)`` on ``params``: the net's outputs only,
+    so the compiled forward keeps its intermediates fused, and the weights bound once in the
+    kernels' layout (nincc.compile.BoundNet)."""
+    bound = net.bind(params)
+    blobs = [blob for blob, _, _ in output_blobs(net.graph)]
 
-    graph = net.graph
-    outs = output_blobs(graph)
+    def forward(feeds, rng):
+        values, _, loss = bound.run(feeds, rng, blobs, loss=True)
+        return values, loss
 
-    def forward(params, feeds, rng):
-        env, _ = run_graph(graph, params, feeds, rng, fast=net.fast)
-        return {blob: env[vid] for blob, vid, _ in outs}, total_loss(graph, env)
-
-    return forward if net.dynamic else jax.jit(forward)
+    return forward
 
 
 def copy_weights(
@@ -553,13 +552,11 @@ class Solver:
             Feeder(n.graph, s.net_param, synthetic, seed, f"test net #{i}")
             for i, (n, s) in enumerate(zip(self.test_nets, tests, strict=True))
         ] if self.is_main else []
-        self._test_fns = [_forward_fn(n) for n in self.test_nets]
         self._test_own = [
             {k: v for k, v in n.init(seed).items() if k not in self._params} for n in self.test_nets
         ]
         self._test_counts = [0] * len(self.test_nets)
         self._feed_count = 0
-        self._train_forward: Callable | None = None
         first = [s[0] for s, _ in self.feeder.fed.values() if s]
         self.batch = (first[0] if first else 0) * (parallel.world if parallel is not None else 1)
         self._request: str | None = None
@@ -760,8 +757,8 @@ class Solver:
     def test(self, i: int) -> dict[str, float] | None:
         """One test round of test net ``i`` (Caffe's Solver::Test); None if interrupted."""
         self.log.info("Iteration %d, Testing net (#%d)", self.iter, i)
-        net, fn = self.test_nets[i], self._test_fns[i]
-        params = self.test_params(i)
+        net = self.test_nets[i]
+        fn = _forward_fn(net, self.test_params(i))
         n = int(self.sp.test_iter[i])
         sums: list[np.ndarray] | None = None
         loss = 0.0
@@ -783,7 +780,7 @@ class Solver:
             feeds = self.test_feeders[i].next(self._test_counts[i])
             key = jax.random.fold_in(jax.random.fold_in(self.rng, 1 + i), self._test_counts[i])
             self._test_counts[i] += 1
-            outs, it_loss = fn(params, feeds, key)
+            outs, it_loss = fn(feeds, key)
             loss += float(it_loss)
             vals = [np.asarray(outs[b], np.float64).ravel() for b, _, _ in output_blobs(net.graph)]
             sums = vals if sums is None else [s + v for s, v in zip(sums, vals, strict=True)]
@@ -943,15 +940,13 @@ class Solver:
 
     def _final_loss(self) -> float:
         """One more TRAIN forward, as Solve does for its last display line."""
-        if self._train_forward is None:
-            self._train_forward = _forward_fn(self.net)
         feeds = self.feeder.next(self._feed_count)
         self._feed_count += 1
         if self.parallel is not None:  # this process's first device's rows
             n = self.parallel.local_count
             feeds = {k: v[: len(v) // n] for k, v in feeds.items()}
         key = jax.random.fold_in(jax.random.fold_in(self.rng, 0), self.iter)
-        _, loss = self._train_forward(self._host(self.params), feeds, key)
+        _, loss = _forward_fn(self.net, self._host(self.params))(feeds, key)
         return float(loss)
 
 
@@ -1028,14 +1023,14 @@ def _score(
     net: Any, feeder: Feeder, params: Mapping[str, Sequence[Any]], iterations: int, seed: int,
     log: logging.Logger,
 ) -> tuple[float, dict[str, float]]:
-    fn = _forward_fn(net)
+    fn = _forward_fn(net, params)
     outs = output_blobs(net.graph)
     rng = jax.random.PRNGKey(seed)
     sums: list[np.ndarray] | None = None
     loss = 0.0
     log.info("Running for %d iterations.", iterations)
     for i in range(iterations):
-        result, it_loss = fn(params, feeder.next(i), jax.random.fold_in(rng, i))
+        result, it_loss = fn(feeder.next(i), jax.random.fold_in(rng, i))
         loss += float(it_loss)
         vals = [np.asarray(result[b], np.float64).ravel() for b, _, _ in outs]
         for (blob, _, _), v in zip(outs, vals, strict=True):

@@ -33,6 +33,10 @@ def test_only_kxk_convolution_weights_are_held(tmp_path):
     # conv's and twin's weights (twin2 shares twin's), not biases, 1x1 weights, ip's or a
     # weight an InnerProduct reads too
     assert kernel_layout(graph) == {"conv": (True, False), "twin": (True, False)}
+    # a forward without gradients holds 1x1 weights too
+    assert kernel_layout(graph, pointwise=True) == {
+        "conv": (True, False), "cccp": (True, False), "twin": (True, False)
+    }
 
 
 def test_held_is_kh_kw_in_out_and_converts_back():

@@ -290,30 +290,31 @@ def impl_name(kind: str) -> str:
 
 
 class NinccInfer:
-    """The deploy net's forward, jitted, returning the net's outputs only."""
+    """The deploy net's forward through nincc.CompiledNet.bind (weights held as the kernels
+    read them), jitted, returning the net's outputs only."""
 
     def __init__(self, graph, params, inputs, kind: str):
         import jax
 
-        from nincc.compile import run_graph
+        from nincc.compile import CompiledNet
 
-        def fn(p, f):
-            env, _ = run_graph(graph, p, f, fast=lowering(kind))
-            return [env[v] for v in graph.outputs]
-
-        self.params = jax.device_put(params)
+        net = CompiledNet(graph, fast=lowering(kind))
+        bound = net.bind(params)
+        self.names = net.output_names
+        fn = bound.function(self.names)
+        self.params = bound.params
         self.feeds = jax.device_put(inputs)
         t = time.perf_counter()
-        self.compiled = jax.jit(fn).lower(self.params, self.feeds).compile()
+        self.compiled = fn.lower(self.params, self.feeds, None).compile()
         self.compile_s = time.perf_counter() - t
 
     def step(self):
         import jax
 
-        return jax.block_until_ready(self.compiled(self.params, self.feeds))
+        return jax.block_until_ready(self.compiled(self.params, self.feeds, None))
 
     def output(self):
-        return self.step()[-1]
+        return self.step()[0][self.names[-1]]
 
     def xla_memory(self) -> dict[str, int]:
         return _memory_analysis(self.compiled)
