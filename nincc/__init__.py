@@ -7,6 +7,7 @@ The public API::
     net = nincc.compile(graph)                 # or nincc.load("...") for both steps
     params = net.init(seed=0)                  # Caffe's fillers
     blobs = net.apply(params, {"data": x})     # {blob name: array}, jitted
+    probs = net.bind(params).outputs({"data": x})  # weights placed once: repeated inference
     loss = net.loss(params, {"data": x, "label": y})
 
 Prototxt files in any format Caffe accepted (current, V1, V0) are upgraded on load.
@@ -18,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .build import NetState, build_graph
-from .compile import CompiledNet, compile_graph
+from .compile import BoundNet, CompiledNet, compile_graph
 from .errors import (
     DataError,
     GraphError,
@@ -81,6 +82,7 @@ def load(source: Any, phase: str = "TEST", **kwargs: Any) -> CompiledNet:
 
 
 __all__ = [
+    "BoundNet",
     "CompiledNet",
     "DataError",
     "Graph",
