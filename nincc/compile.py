@@ -367,7 +367,8 @@ class BoundNet:
 
     On the CPU the convolution weights are held as XLA's convolutions read them, (kh, kw, in,
     out) (``held``, the default there): the plain forward copies every weight into that
-    layout at each call, 3-10 % of a NIN inference step (docs/performance.md, section 21).
+    layout at each call, up to 8 % of a NIN inference step (docs/performance.md, sections 21
+    and 22). Caffe's layout stays the API's: ``params`` here is private to the bound net.
     Same values, same jitted functions per blob selection as the net's own.
     """
 
