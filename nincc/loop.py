@@ -1240,6 +1240,9 @@ def _train(
         fast=not args.reference_lowerings, parallel=dp, split_batch=args.split_batch,
     )
     try:
+        from .hugepages import describe
+
+        solver.log.info("malloc: %s.", describe())
         if args.seed is None and sp.random_seed < 0:
             solver.log.info("Random seed %d (pass --seed %d to repeat this run)", solver.seed,
                             solver.seed)
@@ -1282,7 +1285,10 @@ def cmd_time(args: argparse.Namespace) -> int:
 
 
 def _report_time(log: logging.Logger, net: Any, params: Any, args: argparse.Namespace) -> None:
+    from .hugepages import describe
+
     log.info("*** Benchmark begins ***")
+    log.info("malloc: %s.", describe())
     log.info("Timing for %d iterations (median; random inputs).", args.iterations)
     t = time_net(net, params, args.iterations, args.seed, per_layer=not args.no_layers)
     if t.layers:
