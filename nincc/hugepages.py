@@ -89,8 +89,11 @@ def reexec_with_huge_pages() -> None:
     (``sys.orig_argv``); the process id stays the same.
     """
     env = huge_pages_env(os.environ)
-    if env is None:
+    if env is None or not sys.executable or not sys.orig_argv:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, list(sys.orig_argv), env)
+    try:
+        os.execve(sys.executable, list(sys.orig_argv), env)
+    except OSError:
+        return  # could not re-execute: run on with the default pages
