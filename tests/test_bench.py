@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+
+from nincc.hugepages import describe
 
 from .conftest import REPO
 
@@ -47,6 +50,8 @@ def test_quick_mode_times_nincc_both_modes(quick_run):
             assert r["xla_mb"]["temp"] > 0, r
     assert all(v > 0 for v in doc["ceilings_gflops"].values())
     assert doc["environment"]["jax"]
+    # the bench inherits this process's environment and does not re-execute
+    assert doc["environment"]["malloc"] == describe(os.environ)
     assert "nincc-plain" in stdout and "img/s" in stdout
 
 

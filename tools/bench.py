@@ -813,12 +813,21 @@ def report(paths: list[str]) -> int:
         doc = json.loads(Path(path).read_text())
         env, ceil = doc["environment"], doc["ceilings_gflops"]
         print(
-            f"<!-- {path}: {env['date']}, XLA_FLAGS={env['XLA_FLAGS']!r}, ceiling "
+            f"<!-- {path}: {env['date']}, XLA_FLAGS={env['XLA_FLAGS']!r}, malloc: "
+            f"{env.get('malloc', '-')}, ceiling "
             f"{format_ceilings(ceil)} -->"
         )
         rows += [Row(**r) for r in doc["rows"]]
     print(markdown_table(rows))
     return 0
+
+
+def describe_malloc() -> str:
+    """How malloc gets its pages in this process: both frameworks' step times depend on it
+    (docs/performance.md, sections 9 and 23); the benchmark runs them under one setting."""
+    from nincc.hugepages import describe
+
+    return describe()
 
 
 def environment() -> dict[str, Any]:
@@ -833,6 +842,7 @@ def environment() -> dict[str, Any]:
         "jax": jax.__version__,
         "numpy": np.__version__,
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "malloc": describe_malloc(),
     }
     if torch_available():
         import torch
@@ -937,7 +947,8 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = max(ceils.values())
     print(
         f"# {env['date']}  {env['cpu']} x{env['cores']}  python {env['python']}  "
-        f"jax {env['jax']}  torch {env.get('torch', '-')}  XLA_FLAGS={env['XLA_FLAGS']!r}"
+        f"jax {env['jax']}  torch {env.get('torch', '-')}  XLA_FLAGS={env['XLA_FLAGS']!r}  "
+        f"malloc: {env['malloc']}"
     )
     print(
         f"# fp32 ceiling {ceiling:.0f} GFLOP/s, the best of: products {args.ceiling_n}^3 and a "
