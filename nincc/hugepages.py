@@ -52,6 +52,8 @@ def huge_pages_env(
 
     Nothing to gain: opted out, not Linux with glibc 2.35+, the kernel's huge pages off
     ("never") or already given to every mapping ("always"), or the tunable already set.
+    ``system``, ``libc`` and ``thp_mode`` default to this machine's ("" reads the kernel's
+    mode; None stands for a mode that could not be read).
     """
     if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
         return None

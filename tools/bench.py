@@ -822,17 +822,11 @@ def report(paths: list[str]) -> int:
     return 0
 
 
-def describe_malloc() -> str:
-    """How malloc gets its pages in this process: both frameworks' step times depend on it
-    (docs/performance.md, sections 9 and 23); the benchmark runs them under one setting."""
-    from nincc.hugepages import describe
-
-    return describe()
-
-
 def environment() -> dict[str, Any]:
     import jax
     import numpy as np
+
+    from nincc.hugepages import describe
 
     env = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -842,7 +836,9 @@ def environment() -> dict[str, Any]:
         "jax": jax.__version__,
         "numpy": np.__version__,
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-        "malloc": describe_malloc(),
+        # how malloc gets its pages: both frameworks' step times depend on it (sections 9
+        # and 23 of docs/performance.md); the benchmark runs them under one setting
+        "malloc": describe(),
     }
     if torch_available():
         import torch
