@@ -96,3 +96,31 @@ def test_input_bench_quick_mode_reads_lmdb_and_synthetic(tmp_path):
     assert all(len(v) == 2 and min(v) > 0 for v in doc["samples_ms"].values())
     assert doc["source_images_per_s"] > 0
     assert "lmdb / synthetic" in proc.stdout
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nincc_bench", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_goal_column_takes_the_lower_bar():
+    bench = _bench_module()
+    assert bench.goal(1.25, 50.0) == "met"  # 1.2x the best PyTorch
+    assert bench.goal(1.0, 86.0) == "met"  # 85 % of the ceiling, where 1.2x would be higher
+    # short of both: the smaller speed-up needed, here 85/80 rather than 1.2/1.1
+    assert bench.goal(1.1, 80.0) == "+6 %"
+    assert bench.goal(0.5, 20.0) == "+140 %"
+    assert bench.goal(None, 80.0) == "-"
+    rows = [
+        bench.Row("n", 16, "infer", "nincc", images_s=11.0, gflops=80.0, pct_ceiling=80.0),
+        bench.Row("n", 16, "infer", "torch-eager", images_s=10.0, gflops=72.0, pct_ceiling=72.0),
+    ]
+    table = {r[3]: r for r in bench.table_rows(rows)}
+    col = bench.COLUMNS.index("goal")
+    assert table["nincc"][col] == "+6 %" and table["torch-eager"][col] == ""
+    assert table["nincc"][bench.COLUMNS.index("vs best torch")] == "1.10x"

@@ -11,7 +11,7 @@ from google.protobuf import text_format
 from nincc import caffe_pb2
 from nincc.errors import GraphError, ShapeError
 from nincc.layers.base import REGISTRY, Filler, LowerCtx
-from nincc.layers.neuron import DropoutAttrs
+from nincc.layers.neuron import DropoutAttrs, keep_mask
 
 from ..conftest import fixture_case, manifest
 
@@ -350,8 +350,8 @@ def test_dropout_test_phase_is_identity():
     np.testing.assert_array_equal(dx, np.ones_like(x))
 
 
-def test_dropout_train_keeps_with_prob_and_scales():
-    ratio = 0.3
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_dropout_train_keeps_with_prob_and_scales(ratio):
     entry, attrs = entry_attrs(f'type: "Dropout" dropout_param {{ dropout_ratio: {ratio} }}')
     n = 200_000
     x = np.full((n,), 2.0, np.float32)
@@ -365,6 +365,50 @@ def test_dropout_train_keeps_with_prob_and_scales():
     assert abs(kept.mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
     y2 = run(entry, attrs, x, phase="TRAIN", key=key)
     np.testing.assert_array_equal(y, y2)  # same key, same mask
+
+
+def _mask_from_words(words: np.ndarray, bits: int, threshold: int, n: int) -> np.ndarray:
+    """keep_mask's rule written out: word i holds elements i*per to i*per+per-1, low bits first."""
+    per = 32 // bits
+    out = np.zeros(n, bool)
+    for e in range(n):
+        field = (int(words[e // per]) >> (bits * (e % per))) & ((1 << bits) - 1)
+        out[e] = field < threshold
+    return out
+
+
+@pytest.mark.parametrize(
+    ("keep", "bits", "threshold"),
+    [(0.5, 1, 1), (0.75, 2, 3), (0.25, 2, 1), (0.125, 4, 2), (0.6875, 4, 11), (3 / 256, 8, 3)],
+)
+def test_keep_mask_reads_the_bits_its_probability_needs(keep, bits, threshold):
+    key, shape = jax.random.PRNGKey(7), (3, 5, 7)  # 105 elements: the last word is partly used
+    n, per = 105, 32 // bits
+    words = np.asarray(jax.random.bits(key, (-(-n // per),), jnp.uint32))
+    expected = _mask_from_words(words, bits, threshold, n).reshape(shape)
+    np.testing.assert_array_equal(np.asarray(keep_mask(key, keep, shape)), expected)
+
+
+def test_keep_mask_other_probabilities_are_bernoulli_draws():
+    key = jax.random.PRNGKey(1)
+    for keep in (0.7, 0.9, 1 / 3):
+        np.testing.assert_array_equal(
+            np.asarray(keep_mask(key, keep, (40, 9))),
+            np.asarray(jax.random.bernoulli(key, keep, (40, 9))),
+        )
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.75, 0.125, 0.7])
+def test_keep_mask_frequency_and_independence(keep):
+    n = 400_000
+    m = np.asarray(keep_mask(jax.random.PRNGKey(11), keep, (n,))).astype(np.float64)
+    sigma = np.sqrt(keep * (1 - keep) / n)
+    assert abs(m.mean() - keep) < 5 * sigma
+    # elements that share a random word must not be correlated
+    c = m - m.mean()
+    for lag in (1, 2, 31, 32):
+        corr = (c[:-lag] * c[lag:]).mean() / m.var()
+        assert abs(corr) < 5 / np.sqrt(n), (lag, corr)
 
 
 def test_dropout_without_train_scaling_scales_at_test():
