@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -15,6 +17,16 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("NINCC_SHARED", REPO.parent / "shared"))
 FIXTURES = SHARED / "fixtures" / "caffe"
 CORPUS = SHARED / "corpus"
+TOOLS = REPO / "tools"
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", TOOLS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while it executes
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def fixture_case(name: str) -> Path:

@@ -11,7 +11,7 @@ import pytest
 
 from nincc.hugepages import describe
 
-from .conftest import REPO
+from .conftest import REPO, load_tool
 
 BENCH = REPO / "tools" / "bench.py"
 
@@ -98,18 +98,8 @@ def test_input_bench_quick_mode_reads_lmdb_and_synthetic(tmp_path):
     assert "lmdb / synthetic" in proc.stdout
 
 
-def _bench_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("nincc_bench", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_goal_column_takes_the_lower_bar():
-    bench = _bench_module()
+    bench = load_tool("bench")
     assert bench.goal(1.25, 50.0) == "met"  # 1.2x the best PyTorch
     assert bench.goal(1.0, 86.0) == "met"  # 85 % of the ceiling, where 1.2x would be higher
     # short of both: the smaller speed-up needed, here 85/80 rather than 1.2/1.1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import io
 import pickle
 import struct
@@ -17,15 +16,9 @@ from PIL import Image
 from nincc.data import iter_records, parse_datum, read_blob_proto
 from nincc.data.datasets import gcn_zca
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
+from .conftest import load_tool as tool
+
 NAMES = ["make_lmdb", "compute_mean", "cifar10_to_lmdb", "mnist_to_lmdb", "digits_to_lmdb"]
-
-
-def tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", TOOLS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def records(path, backend="lmdb"):
