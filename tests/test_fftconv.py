@@ -1,0 +1,172 @@
+"""nincc.fftconv: stride-1 convolutions through the FFT equal a naive float64 loop, the layer
+table's lowering (forward and gradients) and real Caffe on NIN CIFAR-10; inference keeps
+XLA's direct convolution."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nincc import fast, fftconv
+
+from .conftest import FIXTURES
+from .test_fast import BWD_REL, FWD_REL, assert_close, compare, layer_attrs, randn
+
+
+def naive_correlation(x, w, padding):
+    """Caffe's convolution (stride 1) as a loop over kernel taps in float64, channels-last."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    (pt, pb), (pl, pr) = padding
+    xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    o, _, kh, kw = w.shape
+    oh, ow = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+    y = np.zeros((x.shape[0], oh, ow, o))
+    for i in range(kh):
+        for j in range(kw):
+            y += np.einsum("nhwc,oc->nhwo", xp[:, i : i + oh, j : j + ow, :], w[:, :, i, j])
+    return y
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 27, 31, 36, 97, 121])
+def test_fft_size_is_the_next_7_smooth_size(n):
+    def smooth(m):
+        for p in (2, 3, 5, 7):
+            while m % p == 0:
+                m //= p
+        return m == 1
+
+    size = fftconv.fft_size(n)
+    assert size >= n and smooth(size)
+    assert not any(smooth(m) for m in range(n, size))
+
+
+# (n, h, w, c, o, kh, kw, padding): NIN CIFAR-10's conv2 (shrunk), NIN ImageNet's conv2 plane
+# (27 + 4 = 31, a prime, rounded up to 32), a rectangular kernel on a non-square plane with
+# uneven padding, and no padding at all
+CASES = [
+    (2, 16, 16, 40, 12, 5, 5, ((2, 2), (2, 2))),
+    (1, 27, 27, 32, 8, 5, 5, ((2, 2), (2, 2))),
+    (2, 11, 9, 33, 5, 5, 7, ((1, 0), (3, 2))),
+    (3, 8, 10, 32, 6, 6, 5, ((0, 0), (0, 0))),
+]
+
+
+@pytest.mark.parametrize("n,h,w,c,o,kh,kw,padding", CASES)
+def test_correlate_matches_a_naive_loop(n, h, w, c, o, kh, kw, padding):
+    rng = np.random.default_rng(h * w + c)
+    x, k = randn(rng, (n, h, w, c)), randn(rng, (o, c, kh, kw), 0.1)
+    got = jax.jit(fftconv.correlate, static_argnums=2)(x, k, padding)
+    assert_close(got, naive_correlation(x, k, padding), FWD_REL, "forward")
+
+
+@pytest.mark.parametrize("n,h,w,c,o,kh,kw,padding", CASES)
+def test_conv_gradients_match_the_naive_loops_transposes(n, h, w, c, o, kh, kw, padding):
+    """dx and dw of the FFT path against the naive loop's adjoints, in float64."""
+    rng = np.random.default_rng(h + w + c)
+    x, k = randn(rng, (n, h, w, c)), randn(rng, (o, c, kh, kw), 0.1)
+    y, pull = jax.vjp(lambda a, b: fftconv.conv(a, b, padding), x, k)
+    dy = randn(rng, y.shape)
+    dx, dk = jax.jit(pull)(dy)
+    (pt, pb), (pl, pr) = padding
+    g = np.asarray(dy, np.float64)
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    wk = np.asarray(k, np.float64)
+    oh, ow = y.shape[1], y.shape[2]
+    ref_dxp = np.zeros_like(xp)
+    ref_dk = np.zeros_like(wk)
+    for i in range(kh):
+        for j in range(kw):
+            ref_dxp[:, i : i + oh, j : j + ow, :] += np.einsum("nhwo,oc->nhwc", g, wk[:, :, i, j])
+            ref_dk[:, :, i, j] = np.einsum("nhwo,nhwc->oc", g, xp[:, i : i + oh, j : j + ow, :])
+    ref_dx = ref_dxp[:, pt : pt + h, pl : pl + w, :]
+    assert_close(y, naive_correlation(x, k, padding), FWD_REL, "forward under differentiation")
+    assert_close(dx, ref_dx, BWD_REL, "input gradient")
+    assert_close(dk, ref_dk, BWD_REL, "weight gradient")
+
+
+def test_inference_is_xla_direct_convolution():
+    """Without differentiation the primal runs, with no FFT in the program."""
+    x = jnp.ones((2, 8, 8, 32), jnp.float32)
+    w = jnp.ones((4, 32, 5, 5), jnp.float32)
+    pad = ((2, 2), (2, 2))
+    plain = str(jax.make_jaxpr(lambda a, b: fftconv.conv(a, b, pad))(x, w))
+    assert "conv_general_dilated" in plain and "fft" not in plain
+    grad = str(jax.make_jaxpr(jax.grad(lambda a, b: fftconv.conv(a, b, pad).sum(), (0, 1)))(x, w))
+    assert "fft" in grad and "conv_general_dilated" not in grad
+
+
+@pytest.mark.parametrize(
+    "shape,kernel,stride,dilation,group,expected",
+    [
+        ((32, 16, 16, 96), (5, 5), (1, 1), (1, 1), 1, True),
+        ((16, 16, 16, 96), (5, 5), (1, 1), (1, 1), 1, False),  # batch
+        ((32, 16, 16, 96), (3, 3), (1, 1), (1, 1), 1, False),  # kernel
+        ((32, 16, 16, 96), (1, 5), (1, 1), (1, 1), 1, False),
+        ((32, 32, 32, 3), (5, 5), (1, 1), (1, 1), 1, False),  # channels: a stem
+        ((32, 16, 16, 96), (5, 5), (2, 2), (1, 1), 1, False),  # stride
+        ((32, 16, 16, 96), (5, 5), (1, 1), (2, 2), 1, False),  # dilation
+        ((32, 16, 16, 96), (5, 5), (1, 1), (1, 1), 2, False),  # groups
+    ],
+)
+def test_which_convolutions_take_the_fft(shape, kernel, stride, dilation, group, expected):
+    assert fftconv.applies(shape, kernel, stride, dilation, group) is expected
+
+
+def test_fast_convolution_takes_the_fft_at_the_batch_floor():
+    """The Convolution fast lowering: the FFT at MIN_BATCH images, checked against the table's
+    lowering (forward as inference and as differentiated, and both gradients)."""
+    attrs = layer_attrs("Convolution", "convolution_param { num_output: 6 kernel_size: 5 pad: 2 }")
+    rng = np.random.default_rng(5)
+    params = [randn(rng, (6, 32, 5, 5), 0.1), randn(rng, (6,))]
+    x = randn(rng, (fftconv.MIN_BATCH, 32, 7, 6))
+    lower = fast.lowering_for("Convolution", attrs, [x.shape])
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p, b: lower(attrs, p, b, None)[0].sum()))(params, [x])
+    assert "fft" in str(jaxpr)
+    compare("Convolution", attrs, params, [x])
+
+
+def _zoo_and_corpus_fft_layers():
+    from .test_fast import _zoo_and_corpus_layers
+
+    out = []
+    for p in _zoo_and_corpus_layers():
+        layer, shapes = p.values
+        if layer.type != "Convolution" or len(shapes) != 1:
+            continue
+        g = fast._geometry(layer.attrs, shapes[0])
+        n, c, h, w = shapes[0]
+        nhwc = (fftconv.MIN_BATCH, h, w, c)
+        if fftconv.applies(nhwc, g.kernel, g.stride, g.dilation, layer.attrs.group):
+            out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("layer,shapes", _zoo_and_corpus_fft_layers())
+def test_fft_matches_table_on_zoo_and_corpus_shapes(layer, shapes, monkeypatch):
+    """Every zoo and corpus layer the FFT path would take at a large batch, at batch 1."""
+    monkeypatch.setattr(fftconv, "MIN_BATCH", 1)
+    rng = np.random.default_rng(len(layer.name))
+    params = [randn(rng, p.shape, 0.1) for p in layer.params]
+    compare(layer.type, layer.attrs, params, [randn(rng, s) for s in shapes])
+
+
+@pytest.mark.parametrize("case", ["nin_cifar10_deploy", "nin_cifar10_train"])
+def test_fixture_case_through_the_fft(case, monkeypatch):
+    """NIN CIFAR-10's conv2 (96 -> 192, 5x5) through the FFT at the fixtures' batch matches
+    real Caffe's blobs, diffs and param diffs."""
+    from .fixture_harness import run_case
+
+    path = FIXTURES / case
+    if not (path / "forward.npz").exists():
+        pytest.skip(f"fixture {case} not found under {FIXTURES}")
+    monkeypatch.setattr(fftconv, "MIN_BATCH", 1)
+    calls = []
+    real = fftconv.correlate
+    monkeypatch.setattr(fftconv, "correlate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.chdir(path)
+    problems = run_case(path)
+    assert not problems, "\n".join(problems[:20])
+    assert calls, "no layer took the FFT path"
