@@ -19,7 +19,7 @@ What is here, and why, is measured in docs/performance.md:
   product contracting batch and pixels), where autodiff gives XLA:CPU a whole-image-window
   convolution, and in inference as XLA's 1x1 convolution, which runs them faster; strided
   ones with their input gradient by output phases, where autodiff dilates dy by the stride;
-  stride-1 ones with kernels of 5x5 and more, when differentiated at batch 32 and more,
+  stride-1 ones with kernels of 5x5 and more, when differentiated at batch 16 and more,
   through the FFT (nincc.fftconv);
 - MAX and AVE pooling: the forward records which kernel offset won each window; gradients are
   folded back onto the input phase by phase from shifted copies (no scatter, no strided pads);
@@ -301,8 +301,9 @@ def _conv_nhwc(a: ConvAttrs, params, bottoms, ctx):
                 padding.append((p, max(hi, 0)))
                 crop.append(i + min(hi, 0))
             x = x[:, : crop[0], : crop[1], :]
-            if fftconv.applies(x.shape, g.kernel, g.stride, g.dilation, a.group):
-                y = fftconv.conv(x, w, tuple(map(tuple, padding)))
+            tiles = fftconv.tiles_for(x.shape, out, g.kernel, g.stride, g.dilation, a.group)
+            if tiles:
+                y = fftconv.conv(x, w, tuple(map(tuple, padding)), tiles)
             elif g.stride != (1, 1) and g.dilation == (1, 1) and a.group == 1:
                 y = _strided_conv(x, w, tuple(g.stride), tuple(map(tuple, padding)))
             else:

@@ -14,8 +14,8 @@ It runs only under differentiation: the custom VJP's primal, which inference cal
 XLA's direct convolution, the faster of the two there; the train step's forward and
 backward both go through the frequency domain, where the backward's two products
 (input and weight gradients) reuse the forward's transforms. XLA:CPU's batched products
-need many images per frequency to run well, hence the batch floor (measured in section 25:
-a train-step gain at batch 64, a loss at 16).
+need many rows per frequency to run well: below MIN_BATCH images the plane is cut in tiles
+that count as images (overlap-save), or the direct path kept (:func:`tiles_for`).
 """
 
 from __future__ import annotations
@@ -31,27 +31,41 @@ from jax import lax
 MIN_KERNEL = 5  # 3x3 layers lost in the step (NIN ImageNet b16 0.77x, b64 below 5x5 alone)
 MIN_BATCH = 32  # NIN ImageNet's train step: 0.96x at batch 16, 1.06x at 64
 MIN_CHANNELS = 32  # per-frequency products over fewer input channels are too narrow
+MIN_TILE = 12  # NIN CIFAR-10 b16 as 2 x 2 tiles of 8 x 8 outputs: even with the direct path
 
 _CONV_DN = ("NHWC", "OIHW", "NHWC")
 
 
-def applies(
+def tiles_for(
     x_shape: tuple[int, ...],
+    out_hw: tuple[int, int],
     kernel: tuple[int, int],
     stride: tuple[int, int],
     dilation: tuple[int, int],
     group: int,
-) -> bool:
-    """Whether a channels-last convolution of input ``x_shape`` takes the FFT path."""
+) -> int:
+    """How many tiles per side a channels-last convolution of input ``x_shape`` (output plane
+    ``out_hw``) is cut into for the FFT path: 1 (the whole plane), 2, or 0 (not taken).
+
+    Each frequency's product has one row per image and tile, and runs well only with many:
+    at MIN_BATCH images and more the whole plane is one tile; from MIN_BATCH / 2, planes of
+    at least 2 * MIN_TILE outputs a side are cut in 2 x 2 (NIN ImageNet's conv2 at batch
+    16: 0.95x in the train step as one tile, 1.07x as four, 1.03x as nine).
+    """
     n, _, _, c = x_shape
-    return (
+    if not (
         tuple(stride) == (1, 1)
         and tuple(dilation) == (1, 1)
         and group == 1
         and min(kernel) >= MIN_KERNEL
-        and n >= MIN_BATCH
         and c >= MIN_CHANNELS
-    )
+    ):
+        return 0
+    if n >= MIN_BATCH:
+        return 1
+    if 2 * n >= MIN_BATCH and min(out_hw) >= 2 * MIN_TILE:
+        return 2
+    return 0
 
 
 def fft_size(n: int) -> int:
@@ -79,7 +93,31 @@ def _kernel_basis(sh: int, sw: int, kh: int, kw: int) -> tuple[np.ndarray, np.nd
     return basis.real.astype(np.float32), basis.imag.astype(np.float32)
 
 
-def correlate(x: Any, w: Any, padding: tuple[tuple[int, int], ...]) -> Any:
+def correlate(x: Any, w: Any, padding: tuple[tuple[int, int], ...], tiles: int = 1) -> Any:
+    """Caffe's stride-1 convolution through the FFT, the output plane cut in tiles x tiles
+    tiles: each tile's input window (its outputs plus kernel - 1 rows and columns) becomes
+    an image of its own, so a small batch gives each frequency's product more rows, over
+    smaller transforms; outputs past the plane's edge are computed and cropped."""
+    if tiles == 1:
+        return _correlate_plane(x, w, padding)
+    n, h, wd, c = x.shape
+    o, _, kh, kw = w.shape
+    (pt, pb), (pl, pr) = padding
+    oh, ow = h + pt + pb - kh + 1, wd + pl + pr - kw + 1
+    th, tw = -(-oh // tiles), -(-ow // tiles)
+    pads = ((0, 0), (pt, tiles * th + kh - 1 - h - pt), (pl, tiles * tw + kw - 1 - wd - pl), (0, 0))
+    xp = jnp.pad(x, pads)
+    windows = [
+        xp[:, i * th : i * th + th + kh - 1, j * tw : j * tw + tw + kw - 1, :]
+        for i in range(tiles)
+        for j in range(tiles)
+    ]
+    y = _correlate_plane(jnp.concatenate(windows, 0), w, ((0, 0), (0, 0)))
+    y = y.reshape(tiles, tiles, n, th, tw, o).transpose(2, 0, 3, 1, 4, 5)
+    return y.reshape(n, tiles * th, tiles * tw, o)[:, :oh, :ow, :]
+
+
+def _correlate_plane(x: Any, w: Any, padding: tuple[tuple[int, int], ...]) -> Any:
     """Caffe's stride-1 convolution of channels-last ``x`` (n, h, w, c) with ``w`` (o, c,
     kh, kw), ``padding`` ((low, high), (low, high)), through the frequency domain.
 
@@ -105,18 +143,18 @@ def correlate(x: Any, w: Any, padding: tuple[tuple[int, int], ...]) -> Any:
     return jnp.transpose(y[:, :, :oh, :ow], (0, 2, 3, 1))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv(x: Any, w: Any, padding: tuple[tuple[int, int], ...]) -> Any:
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv(x: Any, w: Any, padding: tuple[tuple[int, int], ...], tiles: int) -> Any:
     """A stride-1 convolution: XLA's direct one when only the value is asked for, through
     the FFT (:func:`correlate`) when differentiated."""
     return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_CONV_DN)
 
 
-def _conv_fwd(x, w, padding):
-    return jax.vjp(partial(correlate, padding=padding), x, w)
+def _conv_fwd(x, w, padding, tiles):
+    return jax.vjp(partial(correlate, padding=padding, tiles=tiles), x, w)
 
 
-def _conv_bwd(padding, pull, dy):
+def _conv_bwd(padding, tiles, pull, dy):
     return pull(dy)
 
 

@@ -54,20 +54,22 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("tiles", [1, 2, 3])
 @pytest.mark.parametrize("n,h,w,c,o,kh,kw,padding", CASES)
-def test_correlate_matches_a_naive_loop(n, h, w, c, o, kh, kw, padding):
+def test_correlate_matches_a_naive_loop(n, h, w, c, o, kh, kw, padding, tiles):
     rng = np.random.default_rng(h * w + c)
     x, k = randn(rng, (n, h, w, c)), randn(rng, (o, c, kh, kw), 0.1)
-    got = jax.jit(fftconv.correlate, static_argnums=2)(x, k, padding)
+    got = jax.jit(fftconv.correlate, static_argnums=(2, 3))(x, k, padding, tiles)
     assert_close(got, naive_correlation(x, k, padding), FWD_REL, "forward")
 
 
+@pytest.mark.parametrize("tiles", [1, 2])
 @pytest.mark.parametrize("n,h,w,c,o,kh,kw,padding", CASES)
-def test_conv_gradients_match_the_naive_loops_transposes(n, h, w, c, o, kh, kw, padding):
+def test_conv_gradients_match_the_naive_loops_transposes(n, h, w, c, o, kh, kw, padding, tiles):
     """dx and dw of the FFT path against the naive loop's adjoints, in float64."""
     rng = np.random.default_rng(h + w + c)
     x, k = randn(rng, (n, h, w, c)), randn(rng, (o, c, kh, kw), 0.1)
-    y, pull = jax.vjp(lambda a, b: fftconv.conv(a, b, padding), x, k)
+    y, pull = jax.vjp(lambda a, b: fftconv.conv(a, b, padding, tiles), x, k)
     dy = randn(rng, y.shape)
     dx, dk = jax.jit(pull)(dy)
     (pt, pb), (pl, pr) = padding
@@ -92,39 +94,60 @@ def test_inference_is_xla_direct_convolution():
     x = jnp.ones((2, 8, 8, 32), jnp.float32)
     w = jnp.ones((4, 32, 5, 5), jnp.float32)
     pad = ((2, 2), (2, 2))
-    plain = str(jax.make_jaxpr(lambda a, b: fftconv.conv(a, b, pad))(x, w))
+    plain = str(jax.make_jaxpr(lambda a, b: fftconv.conv(a, b, pad, 1))(x, w))
     assert "conv_general_dilated" in plain and "fft" not in plain
-    grad = str(jax.make_jaxpr(jax.grad(lambda a, b: fftconv.conv(a, b, pad).sum(), (0, 1)))(x, w))
+    loss = lambda a, b: fftconv.conv(a, b, pad, 1).sum()  # noqa: E731
+    grad = str(jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, w))
     assert "fft" in grad and "conv_general_dilated" not in grad
 
 
 @pytest.mark.parametrize(
-    "shape,kernel,stride,dilation,group,expected",
+    "shape,out,kernel,stride,dilation,group,expected",
     [
-        ((32, 16, 16, 96), (5, 5), (1, 1), (1, 1), 1, True),
-        ((16, 16, 16, 96), (5, 5), (1, 1), (1, 1), 1, False),  # batch
-        ((32, 16, 16, 96), (3, 3), (1, 1), (1, 1), 1, False),  # kernel
-        ((32, 16, 16, 96), (1, 5), (1, 1), (1, 1), 1, False),
-        ((32, 32, 32, 3), (5, 5), (1, 1), (1, 1), 1, False),  # channels: a stem
-        ((32, 16, 16, 96), (5, 5), (2, 2), (1, 1), 1, False),  # stride
-        ((32, 16, 16, 96), (5, 5), (1, 1), (2, 2), 1, False),  # dilation
-        ((32, 16, 16, 96), (5, 5), (1, 1), (1, 1), 2, False),  # groups
+        ((64, 16, 16, 96), (16, 16), (5, 5), (1, 1), (1, 1), 1, 1),  # NIN CIFAR-10 conv2
+        ((32, 16, 16, 96), (16, 16), (7, 5), (1, 1), (1, 1), 1, 1),
+        ((16, 16, 16, 96), (16, 16), (5, 5), (1, 1), (1, 1), 1, 0),  # tiles of 8: too small
+        ((16, 27, 27, 96), (27, 27), (5, 5), (1, 1), (1, 1), 1, 2),  # NIN ImageNet conv2
+        ((16, 27, 23, 96), (27, 23), (5, 5), (1, 1), (1, 1), 1, 0),
+        ((8, 27, 27, 96), (27, 27), (5, 5), (1, 1), (1, 1), 1, 0),  # batch
+        ((32, 16, 16, 96), (16, 16), (3, 3), (1, 1), (1, 1), 1, 0),  # kernel
+        ((32, 16, 16, 96), (16, 16), (1, 5), (1, 1), (1, 1), 1, 0),
+        ((32, 32, 32, 3), (32, 32), (5, 5), (1, 1), (1, 1), 1, 0),  # channels: a stem
+        ((32, 16, 16, 96), (6, 6), (5, 5), (2, 2), (1, 1), 1, 0),  # stride
+        ((32, 16, 16, 96), (8, 8), (5, 5), (1, 1), (2, 2), 1, 0),  # dilation
+        ((32, 16, 16, 96), (16, 16), (5, 5), (1, 1), (1, 1), 2, 0),  # groups
     ],
 )
-def test_which_convolutions_take_the_fft(shape, kernel, stride, dilation, group, expected):
-    assert fftconv.applies(shape, kernel, stride, dilation, group) is expected
+def test_which_convolutions_take_the_fft(shape, out, kernel, stride, dilation, group, expected):
+    assert fftconv.tiles_for(shape, out, kernel, stride, dilation, group) == expected
 
 
-def test_fast_convolution_takes_the_fft_at_the_batch_floor():
-    """The Convolution fast lowering: the FFT at MIN_BATCH images, checked against the table's
-    lowering (forward as inference and as differentiated, and both gradients)."""
+def _eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in its equations' params."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else [v]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _eqns(inner)
+
+
+@pytest.mark.parametrize(
+    "n,h,w,windows",
+    [(fftconv.MIN_BATCH, 7, 6, 1), (fftconv.MIN_BATCH // 2, 2 * fftconv.MIN_TILE, 25, 4)],
+)
+def test_fast_convolution_takes_the_fft(n, h, w, windows):
+    """The Convolution fast lowering through the FFT, as one plane and as 2 x 2 tiles, checked
+    against the table's lowering (forward as inference and as differentiated, gradients)."""
     attrs = layer_attrs("Convolution", "convolution_param { num_output: 6 kernel_size: 5 pad: 2 }")
     rng = np.random.default_rng(5)
     params = [randn(rng, (6, 32, 5, 5), 0.1), randn(rng, (6,))]
-    x = randn(rng, (fftconv.MIN_BATCH, 32, 7, 6))
+    x = randn(rng, (n, 32, h, w))
     lower = fast.lowering_for("Convolution", attrs, [x.shape])
     jaxpr = jax.make_jaxpr(jax.grad(lambda p, b: lower(attrs, p, b, None)[0].sum()))(params, [x])
-    assert "fft" in str(jaxpr)
+    ffts = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "fft"]
+    assert ffts and ffts[0].invars[0].aval.shape[0] == n * windows
     compare("Convolution", attrs, params, [x])
 
 
@@ -139,7 +162,8 @@ def _zoo_and_corpus_fft_layers():
         g = fast._geometry(layer.attrs, shapes[0])
         n, c, h, w = shapes[0]
         nhwc = (fftconv.MIN_BATCH, h, w, c)
-        if fftconv.applies(nhwc, g.kernel, g.stride, g.dilation, layer.attrs.group):
+        out_hw = fast._conv_out_sizes(g, shapes[0])
+        if fftconv.tiles_for(nhwc, out_hw, g.kernel, g.stride, g.dilation, layer.attrs.group):
             out.append(p)
     return out
 
