@@ -688,6 +688,22 @@ FAST_LOWERINGS: dict[str, FastLowering] = {
 # ---------------------------------------------------------------- choosing a lowering
 
 
+def backward_note(type_name: str, attrs: Any, bottom_shapes: Sequence[Sequence[int]]) -> str:
+    """How this layer's fast lowering runs when differentiated, where that differs from its
+    forward ("" elsewhere): for `nincc time`, whose forward times the undifferentiated path."""
+    if type_name != "Convolution" or lowering_for(type_name, attrs, bottom_shapes) is None:
+        return ""
+    notes = set()
+    for shape in bottom_shapes:
+        g = _geometry(attrs, tuple(shape))
+        out = _conv_out_sizes(g, tuple(shape))
+        nhwc = (shape[0], *shape[2:], shape[1])
+        tiles = fftconv.tiles_for(nhwc, out, g.kernel, g.stride, g.dilation, attrs.group)
+        if tiles:
+            notes.add("FFT" if tiles == 1 else f"FFT, {tiles}x{tiles} tiles")
+    return "; ".join(sorted(notes))
+
+
 def lowering_for(type_name: str, attrs: Any, bottom_shapes: Sequence[Sequence[int]]):
     """The fast lowering for this layer (a :class:`FastLowering`: called, it takes and returns
     NCHW blobs; its ``nhwc`` channels-last ones), or None where the table's should run."""

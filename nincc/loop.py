@@ -1285,6 +1285,7 @@ def cmd_time(args: argparse.Namespace) -> int:
 
 
 def _report_time(log: logging.Logger, net: Any, params: Any, args: argparse.Namespace) -> None:
+    from .fast import backward_note
     from .hugepages import describe
 
     log.info("*** Benchmark begins ***")
@@ -1293,11 +1294,16 @@ def _report_time(log: logging.Logger, net: Any, params: Any, args: argparse.Name
     t = time_net(net, params, args.iterations, args.seed, per_layer=not args.no_layers)
     if t.layers:
         log.info("Median time per layer (each layer jitted alone, with the train step's lowering):")
+        layers = {layer.name: layer for layer in net.graph.layers}
         for name, f_ms, b_ms, kind in t.layers:
             tag = " [fast]" if kind == "fast" else ""
             log.info("%10s\tforward: %s ms.%s", name, num(f_ms), tag)
             if b_ms is not None:
-                log.info("%10s\tbackward: %s ms.%s", name, num(b_ms), tag)
+                layer = layers[name]
+                shapes = [net.graph.value(b).shape for b in layer.bottoms]
+                note = backward_note(layer.type, layer.attrs, shapes) if kind == "fast" else ""
+                btag = f" [fast, {note}]" if note else tag
+                log.info("%10s\tbackward: %s ms.%s", name, num(b_ms), btag)
     log.info("Median Forward pass: %s ms.", num(t.forward_ms))
     log.info("Backward pass (forward-backward minus forward): %s ms.",
              num(max(0.0, t.forward_backward_ms - t.forward_ms)))

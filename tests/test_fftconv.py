@@ -194,3 +194,17 @@ def test_fixture_case_through_the_fft(case, monkeypatch):
     problems = run_case(path)
     assert not problems, "\n".join(problems[:20])
     assert calls, "no layer took the FFT path"
+
+
+@pytest.mark.parametrize(
+    "shape,note",
+    [
+        ((32, 32, 8, 8), "FFT"),
+        ((16, 96, 27, 27), "FFT, 2x2 tiles"),
+        ((2, 32, 8, 8), ""),
+    ],
+)
+def test_backward_note_names_the_fft(shape, note):
+    attrs = layer_attrs("Convolution", "convolution_param { num_output: 6 kernel_size: 5 pad: 2 }")
+    assert fast.backward_note("Convolution", attrs, [shape]) == note
+    assert fast.backward_note("Pooling", attrs, [shape]) == ""

@@ -667,6 +667,23 @@ def test_time_marks_the_layers_the_fast_lowerings_run(tmp_path, capsys, referenc
     assert any(re.fullmatch(rf"ip\tforward: {NUM} ms\.", x) for x in msgs)
 
 
+def test_time_marks_a_backward_through_the_fft(tmp_path, capsys):
+    """A 5x5 convolution at the FFT's batch floor: its backward line says so."""
+    from nincc import fftconv
+
+    (tmp_path / "fft.prototxt").write_text(f"""
+name: "fft"
+input: "data" input_shape {{ dim: {fftconv.MIN_BATCH} dim: 32 dim: 8 dim: 8 }}
+layer {{ name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param {{ num_output: 4 kernel_size: 5 pad: 2
+                            weight_filler {{ type: "xavier" }} }} }}
+""")
+    assert cli("time", tmp_path / "fft.prototxt", "--iterations", "1") == 0
+    msgs = [x.strip() for x in _messages(capsys.readouterr().err)]
+    assert any(re.fullmatch(rf"conv\tforward: {NUM} ms\. \[fast\]", x) for x in msgs), msgs
+    assert any(re.fullmatch(rf"conv\tbackward: {NUM} ms\. \[fast, FFT\]", x) for x in msgs)
+
+
 def test_a_label_outside_the_classes_is_one_clear_error(tiny, capsys):
     """Caffe indexes with the label unchecked; under jit that would be a NaN loss, so the
     feeder names the label, its row and the layer instead."""
