@@ -110,6 +110,10 @@ def test_inference_is_xla_direct_convolution():
         ((16, 27, 27, 96), (27, 27), (5, 5), (1, 1), (1, 1), 1, 2),  # NIN ImageNet conv2
         ((16, 27, 23, 96), (27, 23), (5, 5), (1, 1), (1, 1), 1, 0),
         ((8, 27, 27, 96), (27, 27), (5, 5), (1, 1), (1, 1), 1, 0),  # batch
+        ((32, 56, 56, 64), (56, 56), (5, 5), (1, 1), (1, 1), 1, 2),  # tiles of at most 32
+        ((32, 112, 112, 64), (112, 112), (5, 5), (1, 1), (1, 1), 1, 4),
+        ((16, 100, 100, 64), (100, 100), (5, 5), (1, 1), (1, 1), 1, 4),
+        ((32, 112, 112, 32), (112, 112), (5, 5), (1, 1), (1, 1), 1, 0),  # channels
         ((32, 16, 16, 96), (16, 16), (3, 3), (1, 1), (1, 1), 1, 0),  # kernel
         ((32, 16, 16, 96), (16, 16), (1, 5), (1, 1), (1, 1), 1, 0),
         ((32, 32, 32, 3), (32, 32), (5, 5), (1, 1), (1, 1), 1, 0),  # channels: a stem
@@ -142,8 +146,9 @@ def test_fast_convolution_takes_the_fft(n, h, w, windows):
     against the table's lowering (forward as inference and as differentiated, gradients)."""
     attrs = layer_attrs("Convolution", "convolution_param { num_output: 6 kernel_size: 5 pad: 2 }")
     rng = np.random.default_rng(5)
-    params = [randn(rng, (6, 32, 5, 5), 0.1), randn(rng, (6,))]
-    x = randn(rng, (n, 32, h, w))
+    c = fftconv.MIN_CHANNELS
+    params = [randn(rng, (6, c, 5, 5), 0.1), randn(rng, (6,))]
+    x = randn(rng, (n, c, h, w))
     lower = fast.lowering_for("Convolution", attrs, [x.shape])
     jaxpr = jax.make_jaxpr(jax.grad(lambda p, b: lower(attrs, p, b, None)[0].sum()))(params, [x])
     ffts = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "fft"]
@@ -199,9 +204,9 @@ def test_fixture_case_through_the_fft(case, monkeypatch):
 @pytest.mark.parametrize(
     "shape,note",
     [
-        ((32, 32, 8, 8), "FFT"),
+        ((32, 64, 8, 8), "FFT"),
         ((16, 96, 27, 27), "FFT, 2x2 tiles"),
-        ((2, 32, 8, 8), ""),
+        ((2, 64, 8, 8), ""),
     ],
 )
 def test_backward_note_names_the_fft(shape, note):

@@ -673,7 +673,7 @@ def test_time_marks_a_backward_through_the_fft(tmp_path, capsys):
 
     (tmp_path / "fft.prototxt").write_text(f"""
 name: "fft"
-input: "data" input_shape {{ dim: {fftconv.MIN_BATCH} dim: 32 dim: 8 dim: 8 }}
+input: "data" input_shape {{ dim: {fftconv.MIN_BATCH} dim: {fftconv.MIN_CHANNELS} dim: 8 dim: 8 }}
 layer {{ name: "conv" type: "Convolution" bottom: "data" top: "conv"
         convolution_param {{ num_output: 4 kernel_size: 5 pad: 2
                             weight_filler {{ type: "xavier" }} }} }}
