@@ -30,7 +30,7 @@ import numpy as np
 from jax import lax
 
 MIN_KERNEL = 5  # 3x3 layers lost in the step (NIN ImageNet b16 0.77x, b64 below 5x5 alone)
-MIN_BATCH = 32  # NIN ImageNet's train step: 0.96x at batch 16, 1.06x at 64
+MIN_BATCH = 32  # NIN ImageNet's train step, one plane: 0.95x at batch 16, 1.17x at 32
 MIN_CHANNELS = 64  # 32 -> 32 on a 112x112 plane, b32: 729 ms against 600 direct
 MIN_TILE = 12  # NIN CIFAR-10 b16 as 2 x 2 tiles of 8 x 8 outputs: even with the direct path
 MAX_TILE = 32  # larger planes in tiles: transforms of the sizes measured, kernels kept small
@@ -100,10 +100,11 @@ def _kernel_basis(sh: int, sw: int, kh: int, kw: int) -> tuple[np.ndarray, np.nd
 
 
 def correlate(x: Any, w: Any, padding: tuple[tuple[int, int], ...], tiles: int = 1) -> Any:
-    """Caffe's stride-1 convolution through the FFT, the output plane cut in tiles x tiles
-    tiles: each tile's input window (its outputs plus kernel - 1 rows and columns) becomes
-    an image of its own, so a small batch gives each frequency's product more rows, over
-    smaller transforms; outputs past the plane's edge are computed and cropped."""
+    """Caffe's stride-1 convolution through the FFT, with the output plane cut into
+    ``tiles`` x ``tiles`` tiles (overlap-save): each tile's input window (its outputs plus
+    kernel - 1 rows and columns) becomes an image of its own, so a small batch gives each
+    frequency's product more rows, over smaller transforms; outputs past the plane's edge
+    are computed and cropped."""
     if tiles == 1:
         return _correlate_plane(x, w, padding)
     n, h, wd, c = x.shape
