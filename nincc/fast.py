@@ -282,6 +282,15 @@ def _phase_input_grad(dy: Any, w: Any, x_hw: tuple[int, int], stride, padding) -
     return full[:, plh : plh + x_hw[0], plw : plw + x_hw[1], :]
 
 
+def fft_tiles(a: ConvAttrs, shape: Shape) -> int:
+    """Tiles per side the FFT path cuts a convolution of the NCHW ``shape`` into when
+    differentiated (0: not taken; nincc.fftconv.tiles_for)."""
+    g = _geometry(a, shape)
+    n, c, h, w = shape
+    out = _conv_out_sizes(g, shape)
+    return fftconv.tiles_for((n, h, w, c), out, g.kernel, g.stride, g.dilation, a.group)
+
+
 def _conv_nhwc(a: ConvAttrs, params, bottoms, ctx):
     w = params[0]
     outs = []
@@ -301,7 +310,7 @@ def _conv_nhwc(a: ConvAttrs, params, bottoms, ctx):
                 padding.append((p, max(hi, 0)))
                 crop.append(i + min(hi, 0))
             x = x[:, : crop[0], : crop[1], :]
-            tiles = fftconv.tiles_for(x.shape, out, g.kernel, g.stride, g.dilation, a.group)
+            tiles = fft_tiles(a, nchw_shape(x.shape))
             if tiles:
                 y = fftconv.conv(x, w, tuple(map(tuple, padding)), tiles)
             elif g.stride != (1, 1) and g.dilation == (1, 1) and a.group == 1:
@@ -695,10 +704,7 @@ def backward_note(type_name: str, attrs: Any, bottom_shapes: Sequence[Sequence[i
         return ""
     notes = set()
     for shape in bottom_shapes:
-        g = _geometry(attrs, tuple(shape))
-        out = _conv_out_sizes(g, tuple(shape))
-        nhwc = (shape[0], *shape[2:], shape[1])
-        tiles = fftconv.tiles_for(nhwc, out, g.kernel, g.stride, g.dilation, attrs.group)
+        tiles = fft_tiles(attrs, tuple(shape))
         if tiles:
             notes.add("FFT" if tiles == 1 else f"FFT, {tiles}x{tiles} tiles")
     return "; ".join(sorted(notes))

@@ -164,11 +164,7 @@ def _zoo_and_corpus_fft_layers():
         layer, shapes = p.values
         if layer.type != "Convolution" or len(shapes) != 1:
             continue
-        g = fast._geometry(layer.attrs, shapes[0])
-        n, c, h, w = shapes[0]
-        nhwc = (fftconv.MIN_BATCH, h, w, c)
-        out_hw = fast._conv_out_sizes(g, shapes[0])
-        if fftconv.tiles_for(nhwc, out_hw, g.kernel, g.stride, g.dilation, layer.attrs.group):
+        if fast.fft_tiles(layer.attrs, (fftconv.MIN_BATCH, *shapes[0][1:])):
             out.append(p)
     return out
 
