@@ -284,7 +284,9 @@ def _phase_input_grad(dy: Any, w: Any, x_hw: tuple[int, int], stride, padding) -
 
 def fft_tiles(a: ConvAttrs, shape: Shape) -> int:
     """Tiles per side the FFT path cuts a convolution of the NCHW ``shape`` into when
-    differentiated (0: not taken; nincc.fftconv.tiles_for)."""
+    differentiated (0: not taken; nincc.fftconv.enabled and tiles_for)."""
+    if not fftconv.enabled():
+        return 0
     g = _geometry(a, shape)
     n, c, h, w = shape
     out = _conv_out_sizes(g, shape)

@@ -17,10 +17,17 @@ backward both go through the frequency domain, where the backward's two products
 (input and weight gradients) reuse the forward's transforms. XLA:CPU's batched products
 need many rows per frequency to run well: below MIN_BATCH images the plane is cut in tiles
 that count as images (overlap-save), or the direct path kept (:func:`tiles_for`).
+
+Those thresholds were measured on CPUs, so the path is taken on the CPU backend only
+(accelerators keep their vendors' convolutions), and ``NINCC_FFT=0`` turns it off
+(:func:`enabled`): the gain depends on how fast the host's direct convolution is
+(docs/performance.md sections 25 and 26).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from functools import lru_cache, partial
 from typing import Any
 
@@ -36,6 +43,16 @@ MIN_TILE = 12  # NIN CIFAR-10 b16 as 2 x 2 tiles of 8 x 8 outputs: even with the
 MAX_TILE = 32  # larger planes in tiles: transforms of the sizes measured, kernels kept small
 
 _CONV_DN = ("NHWC", "OIHW", "NHWC")
+OPT_OUT = "NINCC_FFT"
+
+
+def enabled(environ: Mapping[str, str] | None = None, backend: str | None = None) -> bool:
+    """Whether convolutions may take the FFT path: on the CPU backend, unless ``NINCC_FFT``
+    is 0 (or false, no, off)."""
+    env = os.environ if environ is None else environ
+    if env.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return (backend or jax.default_backend()) == "cpu"
 
 
 def tiles_for(

@@ -209,3 +209,45 @@ def test_backward_note_names_the_fft(shape, note):
     attrs = layer_attrs("Convolution", "convolution_param { num_output: 6 kernel_size: 5 pad: 2 }")
     assert fast.backward_note("Convolution", attrs, [shape]) == note
     assert fast.backward_note("Pooling", attrs, [shape]) == ""
+
+
+@pytest.mark.parametrize(
+    "env,backend,expected",
+    [
+        ({}, "cpu", True),
+        ({"NINCC_FFT": "1"}, "cpu", True),
+        ({"NINCC_FFT": "0"}, "cpu", False),
+        ({"NINCC_FFT": " Off "}, "cpu", False),
+        ({}, "gpu", False),
+        ({}, "tpu", False),
+    ],
+)
+def test_fft_only_on_the_cpu_unless_turned_off(env, backend, expected):
+    assert fftconv.enabled(env, backend) is expected
+
+
+def test_nincc_fft_0_keeps_the_direct_convolution(monkeypatch):
+    """With NINCC_FFT=0 a layer the FFT would take is differentiated through XLA's direct
+    convolution, and gives the same gradients."""
+    attrs = layer_attrs("Convolution", "convolution_param { num_output: 6 kernel_size: 5 pad: 2 }")
+    rng = np.random.default_rng(9)
+    shape = (fftconv.MIN_BATCH, fftconv.MIN_CHANNELS, 7, 6)
+    params = [randn(rng, (6, shape[1], 5, 5), 0.1), randn(rng, (6,))]
+    x = randn(rng, shape)
+
+    def grads():
+        lower = fast.lowering_for("Convolution", attrs, [x.shape])
+        loss = lambda p, b: (lower(attrs, p, b, None)[0] ** 2).sum()  # noqa: E731
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, [x])
+        prims = {e.primitive.name for e in _eqns(jaxpr.jaxpr)}
+        return prims, jax.grad(loss, argnums=(0, 1))(params, [x])
+
+    assert fast.fft_tiles(attrs, shape) == 1
+    with_fft, g_fft = grads()
+    monkeypatch.setenv("NINCC_FFT", "0")
+    assert fast.fft_tiles(attrs, shape) == 0
+    without, g_direct = grads()
+    assert "fft" in with_fft and "fft" not in without
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves(g_fft), leaves(g_direct), strict=True):
+        assert_close(a, b, BWD_REL, "gradient")
