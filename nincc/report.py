@@ -1,4 +1,5 @@
-"""What `nincc inspect` shows: per-layer rows (shapes, params, FLOPs), as a table, JSON or DOT."""
+"""What `nincc inspect` shows: per-layer rows (shapes, params, FLOPs, lowering), as a table,
+JSON or DOT."""
 
 from __future__ import annotations
 
@@ -20,6 +21,22 @@ class LayerRow:
     top_shapes: tuple[tuple[int, ...], ...]
     params: int
     flops: int
+    lowering: str
+
+
+def lowering(layer, bottom_shapes, phase: str) -> str:
+    """The lowering a compiled net runs ``layer`` with: "fast" (nincc.fast's) or "table" (the
+    layer table's); in a TRAIN net, "fast, FFT" (and its tiles) for a convolution the train
+    step runs through the FFT (nincc.fftconv: on the CPU backend, unless NINCC_FFT=0)."""
+    from .compile import choose_lowering
+    from .fast import backward_note
+
+    kind = choose_lowering(layer, bottom_shapes)[1]
+    if kind == "fast" and phase == "TRAIN":
+        note = backward_note(layer.type, layer.attrs, bottom_shapes)
+        if note:
+            return f"fast, {note}"
+    return kind
 
 
 def layer_rows(graph: Graph) -> list[LayerRow]:
@@ -38,6 +55,7 @@ def layer_rows(graph: Graph) -> list[LayerRow]:
                 top_shapes=tuple(tshapes),
                 params=sum(count(p.shape) for p in layer.params if p.share is None),
                 flops=int(entry.flops(layer.attrs, bshapes, tshapes)),
+                lowering=lowering(layer, bshapes, graph.phase),
             )
         )
     return rows
@@ -90,7 +108,7 @@ def format_table(
 def as_table(graph: Graph) -> str:
     """A fixed-width table with totals at the bottom."""
     rows = layer_rows(graph)
-    head = ("layer", "type", "bottoms -> tops", "top shapes", "params", "FLOPs")
+    head = ("layer", "type", "bottoms -> tops", "top shapes", "params", "FLOPs", "lowering")
     body = [
         (
             r.name,
@@ -99,6 +117,7 @@ def as_table(graph: Graph) -> str:
             " ".join("x".join(map(str, s)) if s else "()" for s in r.top_shapes),
             f"{r.params:,}",
             _human(r.flops),
+            r.lowering,
         )
         for r in rows
     ]
@@ -110,12 +129,13 @@ def as_table(graph: Graph) -> str:
         "",
         f"{t['params']:,}",
         _human(t["flops"]),
+        "",
     )
     widths = [max(len(str(x[i])) for x in [head, *body, foot]) for i in range(len(head))]
 
     def line(cells):
         return "  ".join(
-            str(c).rjust(w) if i >= 4 else str(c).ljust(w)
+            str(c).rjust(w) if i in (4, 5) else str(c).ljust(w)
             for i, (c, w) in enumerate(zip(cells, widths))
         ).rstrip()
 
@@ -148,6 +168,7 @@ def as_dict(graph: Graph) -> dict:
                 "top_shapes": [list(s) for s in r.top_shapes],
                 "params": r.params,
                 "flops": r.flops,
+                "lowering": r.lowering,
             }
             for r in rows
         ],

@@ -43,7 +43,8 @@ def test_inspect_json_zoo_totals(capsys, net, params):
         assert doc["totals"]["params"] == params
         assert sum(layer["params"] for layer in doc["layers"]) == params
         first = doc["layers"][1]
-        assert set(first) == {"name", "type", "bottoms", "tops", "top_shapes", "params", "flops"}
+        keys = {"name", "type", "bottoms", "tops", "top_shapes", "params", "flops", "lowering"}
+        assert set(first) == keys
 
 
 def test_inspect_table_and_dot(capsys):
@@ -199,3 +200,27 @@ def test_upgrade_v1_writes_current_format(capsys, tmp_path):
     assert code == 0, err
     text = out.read_text()
     assert "layers {" not in text and 'type: "Convolution"' in text
+
+
+def test_inspect_names_each_layers_lowering(monkeypatch):
+    """The lowering column: the FFT only in a TRAIN net at a batch the rule takes, and not with
+    NINCC_FFT=0; the layer table's lowering where no fast one applies."""
+    import nincc
+    from nincc import report
+
+    def lowerings(phase, batch):
+        shapes = {"data": (batch, 3, 32, 32)}
+        if phase == "TRAIN":
+            shapes["label"] = (batch,)
+        net = "nin_cifar10.prototxt" if phase == "TRAIN" else "nin_cifar10_deploy.prototxt"
+        graph = nincc.load_graph(ZOO / net, phase=phase, input_shapes=shapes)
+        return {r.name: r.lowering for r in report.layer_rows(graph)}
+
+    train = lowerings("TRAIN", 64)
+    assert train["conv2"] == "fast, FFT"
+    assert train["conv1"] == train["cccp1"] == train["pool1"] == "fast"
+    assert train["loss"] == "table"
+    assert lowerings("TRAIN", 16)["conv2"] == "fast"  # below the FFT's batch floor
+    assert lowerings("TEST", 64)["conv2"] == "fast"  # inference keeps the direct convolution
+    monkeypatch.setenv("NINCC_FFT", "0")
+    assert lowerings("TRAIN", 64)["conv2"] == "fast"

@@ -7,6 +7,7 @@ import json
 import pytest
 
 import nincc
+from nincc import report
 
 from .conftest import CORPUS, FIXTURES
 
@@ -55,3 +56,6 @@ def test_corpus_net_shapes(name):
         assert [graph.value(t).blob for t in layer.tops] == ref["tops"]
         assert [list(p.shape) for p in layer.params] == ref["param_shapes"]
     assert sorted(graph.value(v).blob for v in graph.outputs) == sorted(spec["outputs"])
+    # `nincc inspect`'s rows, the lowering each layer compiles to included, for every net
+    allowed = {"fast", "table", "fast, FFT"} | {f"fast, FFT, {t}x{t} tiles" for t in range(2, 9)}
+    assert {r.lowering for r in report.layer_rows(graph)} <= allowed
