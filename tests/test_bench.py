@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from nincc import fftconv
 from nincc.hugepages import describe
 
 from .conftest import REPO, load_tool
@@ -52,6 +53,8 @@ def test_quick_mode_times_nincc_both_modes(quick_run):
     assert doc["environment"]["jax"]
     # the bench inherits this process's environment and does not re-execute
     assert doc["environment"]["malloc"] == describe(os.environ)
+    assert doc["environment"]["fft"] == ("on" if fftconv.enabled() else "off")
+    assert doc["environment"]["simd"] and "FFT: " in stdout
     assert "nincc-plain" in stdout and "img/s" in stdout
 
 

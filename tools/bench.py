@@ -834,7 +834,8 @@ def report(paths: list[str]) -> int:
         env, ceil = doc["environment"], doc["ceilings_gflops"]
         print(
             f"<!-- {path}: {env['date']}, XLA_FLAGS={env['XLA_FLAGS']!r}, malloc: "
-            f"{env.get('malloc', '-')}, ceiling "
+            f"{env.get('malloc', '-')}, simd {env.get('simd', '-')}, FFT {env.get('fft', '-')}, "
+            "ceiling "
             f"{format_ceilings(ceil)} -->"
         )
         rows += [Row(**r) for r in doc["rows"]]
@@ -846,6 +847,7 @@ def environment() -> dict[str, Any]:
     import jax
     import numpy as np
 
+    from nincc import fftconv
     from nincc.hugepages import describe
 
     env = {
@@ -859,6 +861,10 @@ def environment() -> dict[str, Any]:
         # how malloc gets its pages: both frameworks' step times depend on it (sections 9
         # and 23 of docs/performance.md); the benchmark runs them under one setting
         "malloc": describe(),
+        # the vector units (the zoo's ratios differ between AVX2 and AVX-512 hosts) and
+        # whether the train step may run its 5x5 layers through the FFT (NINCC_FFT; section 26)
+        "simd": _simd(),
+        "fft": "on" if fftconv.enabled() else "off",
     }
     if torch_available():
         import torch
@@ -866,6 +872,19 @@ def environment() -> dict[str, Any]:
         env["torch"] = torch.__version__
         env["torch_threads"] = torch.get_num_threads()
     return env
+
+
+def _simd() -> str:
+    """The widest x86 vector extension /proc/cpuinfo lists ("-" where it cannot be read)."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                for name in ("avx512f", "avx2", "avx", "sse4_2"):
+                    if name in flags:
+                        return name
+                return "-"
+    return "-"
 
 
 def _cpu_name() -> str:
@@ -964,7 +983,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# {env['date']}  {env['cpu']} x{env['cores']}  python {env['python']}  "
         f"jax {env['jax']}  torch {env.get('torch', '-')}  XLA_FLAGS={env['XLA_FLAGS']!r}  "
-        f"malloc: {env['malloc']}"
+        f"malloc: {env['malloc']}  simd: {env['simd']}  FFT: {env['fft']}"
     )
     print(
         f"# fp32 ceiling {ceiling:.0f} GFLOP/s, the best of: products {args.ceiling_n}^3 and a "
