@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .switches import switched_off
+
 MIN_KERNEL = 5  # 3x3 layers lost in the step (NIN ImageNet b16 0.77x, b64 below 5x5 alone)
 MIN_BATCH = 32  # NIN ImageNet's train step, one plane: 0.95x at batch 16, 1.17x at 32
 MIN_CHANNELS = 64  # 32 -> 32 on a 112x112 plane, b32: 729 ms against 600 direct
@@ -50,7 +52,7 @@ def enabled(environ: Mapping[str, str] | None = None, backend: str | None = None
     """Whether convolutions may take the FFT path: on the CPU backend, unless ``NINCC_FFT``
     is 0 (or false, no, off)."""
     env = os.environ if environ is None else environ
-    if env.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off(OPT_OUT, env):
         return False
     return (backend or jax.default_backend()) == "cpu"
 

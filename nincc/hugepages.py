@@ -17,6 +17,8 @@ import platform
 import sys
 from collections.abc import Mapping
 
+from .switches import switched_off
+
 OPT_OUT = "NINCC_HUGE_PAGES"
 _DONE = "NINCC_HUGE_PAGES_EXEC"  # set in the re-executed process: never a second time
 TUNABLE = "glibc.malloc.hugetlb"
@@ -55,7 +57,7 @@ def huge_pages_env(
     ``system``, ``libc`` and ``thp_mode`` default to this machine's ("" reads the kernel's
     mode; None stands for a mode that could not be read).
     """
-    if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off(OPT_OUT, environ):
         return None
     if environ.get(_DONE):
         return None

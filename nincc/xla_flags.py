@@ -14,6 +14,8 @@ import warnings
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
+from .switches import switched_off
+
 OPT_OUT = "NINCC_XLA_FLAGS"
 
 
@@ -71,7 +73,7 @@ def apply(
     already running, nothing is changed and a warning says the flags cannot take effect.
     """
     env = os.environ if environ is None else environ
-    if env.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off(OPT_OUT, env):
         return []
     current = env.get("XLA_FLAGS", "")
     have = _named(current)
