@@ -874,25 +874,23 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def _simd() -> str:
-    """The widest x86 vector extension /proc/cpuinfo lists ("-" where it cannot be read)."""
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line's value in /proc/cpuinfo, or None where it cannot be read."""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                for name in ("avx512f", "avx2", "avx", "sse4_2"):
-                    if name in flags:
-                        return name
-                return "-"
-    return "-"
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def _simd() -> str:
+    """The widest x86 vector extension /proc/cpuinfo lists ("-" where it cannot be read)."""
+    flags = set((_cpuinfo("flags") or "").split())
+    return next((n for n in ("avx512f", "avx2", "avx", "sse4_2") if n in flags), "-")
 
 
 def _cpu_name() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------- main
