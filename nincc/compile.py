@@ -17,7 +17,7 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from . import layers as table
 from .errors import InputError, NinccError
-from .fast import after, lowering_for, to_nchw, to_nhwc
+from .fast import after, conv_relu_nhwc, lowering_for, to_nchw, to_nhwc
 from .ir import Graph
 from .layers.base import LowerCtx
 from .layout import Layout, kernel_layout, to_caffe, to_held
@@ -121,6 +121,49 @@ def _tie_grads(layer, fast: Fast) -> bool:
     )
 
 
+def relu_fusions(
+    graph: Graph, fast: Fast = True, taps: Collection[str] = ()
+) -> dict[str, tuple[str, float]]:
+    """Convolutions run_graph runs with the ReLU after them fused (nincc.fast.conv_relu_nhwc):
+    conv layer name -> (ReLU layer name, negative slope).
+
+    A pair qualifies when oneDNN runs the convolution (the only kernels with the ReLU as a
+    post-op), both take their fast lowerings, and the ReLU works in place on the
+    convolution's only top, which nothing else reads, taps or returns: so the value before
+    the ReLU is never needed (run_graph still defines it; XLA drops it unused).
+    """
+    from .fast import uses_onednn
+
+    readers: dict[str, list] = {}
+    for layer in graph.layers:
+        for vid in layer.bottoms:
+            readers.setdefault(vid, []).append(layer)
+    out = {}
+    for conv in graph.layers:
+        if conv.type != "Convolution" or len(conv.bottoms) != 1 or len(conv.tops) != 1:
+            continue
+        top = conv.tops[0]
+        relu = readers.get(top, [None])
+        relu = relu[0] if len(relu) == 1 else None
+        if relu is None or relu.type != "ReLU" or relu.bottoms != (top,) or len(relu.tops) != 1:
+            continue
+        if graph.value(relu.tops[0]).blob != graph.value(top).blob or not all(relu.propagate_down):
+            continue
+        if top in taps or top in graph.outputs:
+            continue
+        shape = graph.value(conv.bottoms[0]).shape
+        top_shape = graph.value(top).shape
+        if (
+            len(top_shape) != 4
+            or not uses_onednn(shape=shape)
+            or _fast_lowering(conv, [shape], fast) is None
+            or _fast_lowering(relu, [top_shape], fast) is None
+        ):
+            continue
+        out[conv.name] = (relu.name, float(relu.attrs.negative_slope))
+    return out
+
+
 def layer_ctx(graph: Graph, layer, key: Any, feeds: Mapping[str, Any]) -> LowerCtx:
     """The LowerCtx run_graph gives ``layer``."""
     return LowerCtx(
@@ -163,6 +206,8 @@ def run_graph(
         return other[vid]
 
     new_state: Params = {}
+    fusions = relu_fusions(graph, fast, taps or ())
+    fused: dict[str, list[Any]] = {}  # ReLU layer name -> its tops, computed with the conv
     for index, layer in enumerate(graph.layers):
         entry = table.REGISTRY[layer.type]
         key = None if rng is None else jax.random.fold_in(rng, index)
@@ -181,14 +226,21 @@ def run_graph(
         ]
         with jax.named_scope(layer.name):
             lp = layer_params(params, layer, graph)
-            if _tie_grads(layer, fast):
-                tops = params_after_bottoms(
-                    lambda p, b, lower=lower, layer=layer, ctx=ctx: lower(layer.attrs, p, b, ctx),
-                    lp,
-                    bottoms,
-                )
+
+            def apply(lower, layer=layer, ctx=ctx, lp=lp, bottoms=bottoms):
+                if _tie_grads(layer, fast):
+                    return params_after_bottoms(
+                        lambda ps, bs: lower(layer.attrs, ps, bs, ctx), lp, bottoms
+                    )
+                return lower(layer.attrs, lp, bottoms, ctx)
+
+            if layer.name in fused:
+                tops = fused.pop(layer.name)
             else:
-                tops = lower(layer.attrs, lp, bottoms, ctx)
+                tops = apply(lower)
+            if layer.name in fusions:
+                relu_name, slope = fusions[layer.name]
+                fused[relu_name] = apply(conv_relu_nhwc(slope))
         if len(tops) != len(layer.tops):
             raise NinccError(
                 f"layer '{layer.name}' ({layer.type}) produced {len(tops)} tops, "

@@ -41,14 +41,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from . import fftconv
+from . import fftconv, onednn
 from .layers import base
 from .layers.normalization import LRNAttrs
 from .layers.vision import (
     FLT_MAX,
     ConvAttrs,
+    Geometry,
     PoolAttrs,
     PoolGeom,
     _ave_divisor,
@@ -284,8 +286,9 @@ def _phase_input_grad(dy: Any, w: Any, x_hw: tuple[int, int], stride, padding) -
 
 def fft_tiles(a: ConvAttrs, shape: Shape) -> int:
     """Tiles per side the FFT path cuts a convolution of the NCHW ``shape`` into when
-    differentiated (0: not taken; nincc.fftconv.enabled and tiles_for)."""
-    if not fftconv.enabled():
+    differentiated (0: not taken -- oneDNN runs it, or nincc.fftconv.enabled and tiles_for
+    say no)."""
+    if uses_onednn(shape=shape) or not fftconv.enabled():
         return 0
     g = _geometry(a, shape)
     n, c, h, w = shape
@@ -293,30 +296,50 @@ def fft_tiles(a: ConvAttrs, shape: Shape) -> int:
     return fftconv.tiles_for((n, h, w, c), out, g.kernel, g.stride, g.dilation, a.group)
 
 
-def _conv_nhwc(a: ConvAttrs, params, bottoms, ctx):
+def uses_onednn(
+    x_dtype: Any = np.float32, w_dtype: Any = np.float32, shape: Sequence[int] = (1,)
+) -> bool:
+    """Whether a convolution of these dtypes and bottom shape runs through oneDNN
+    (nincc.onednn.enabled; float32, no empty bottom)."""
+    return (
+        onednn.enabled() and onednn.supports(x_dtype, w_dtype) and all(d > 0 for d in shape)
+    )
+
+
+def _caffe_windows(g: Geometry, x: Any) -> tuple[Any, tuple[tuple[int, int], ...]]:
+    """NHWC ``x`` cropped, and its (low, high) padding per spatial axis, so that exactly
+    Caffe's output count of windows fits: low by `pad`, high padded (or cropped) as its
+    im2col does (the table's lowering does the same)."""
+    out = _conv_out_sizes(g, nchw_shape(x.shape))
+    highs = [
+        (o - 1) * s + e - i - p
+        for o, i, p, e, s in zip(out, x.shape[1:3], g.pad, g.extent, g.stride, strict=True)
+    ]
+    x = x[:, : x.shape[1] + min(highs[0], 0), : x.shape[2] + min(highs[1], 0), :]
+    return x, tuple((p, max(hi, 0)) for p, hi in zip(g.pad, highs, strict=True))
+
+
+def _conv_nhwc(a: ConvAttrs, params, bottoms, ctx, relu: float | None = None):
     w = params[0]
     outs = []
     for x in bottoms:
         g = _geometry(a, nchw_shape(x.shape))
+        if uses_onednn(x.dtype, w.dtype, x.shape) and math.prod(w.shape) > 0:
+            x, padding = _caffe_windows(g, x)
+            b = params[1] if a.bias_term else None
+            outs.append(onednn.conv(x, w, b, g.stride, padding, g.dilation, a.group, relu))
+            continue
         if g.kernel == (1, 1) and g.pad == (0, 0) and a.group == 1:
             if g.stride != (1, 1):  # Caffe's (in - 1) / s + 1 outputs: every s-th pixel
                 x = x[:, :: g.stride[0], :: g.stride[1], :]
             y = _pointwise(x, w.reshape(w.shape[:2]))
         else:
-            out = _conv_out_sizes(g, nchw_shape(x.shape))
-            # Pad low by `pad`; pad (or crop) high so that exactly `out` windows fit, as
-            # Caffe's im2col does (the table's lowering does the same).
-            padding, crop = [], []
-            for o, i, p, e, s in zip(out, x.shape[1:3], g.pad, g.extent, g.stride, strict=True):
-                hi = (o - 1) * s + e - i - p
-                padding.append((p, max(hi, 0)))
-                crop.append(i + min(hi, 0))
-            x = x[:, : crop[0], : crop[1], :]
+            x, padding = _caffe_windows(g, x)
             tiles = fft_tiles(a, nchw_shape(x.shape))
             if tiles:
-                y = fftconv.conv(x, w, tuple(map(tuple, padding)), tiles)
+                y = fftconv.conv(x, w, padding, tiles)
             elif g.stride != (1, 1) and g.dilation == (1, 1) and a.group == 1:
-                y = _strided_conv(x, w, tuple(g.stride), tuple(map(tuple, padding)))
+                y = _strided_conv(x, w, tuple(g.stride), padding)
             else:
                 y = lax.conv_general_dilated(
                     x,
@@ -329,8 +352,15 @@ def _conv_nhwc(a: ConvAttrs, params, bottoms, ctx):
                 )
         if a.bias_term:
             y = _add_bias(y, params[1])
-        outs.append(y)
+        outs.append(y if relu is None else _relu(y, relu))
     return outs
+
+
+def conv_relu_nhwc(slope: float) -> Lower:
+    """The fast Convolution lowering with the in-place ReLU (of ``slope``) that follows it
+    fused: where oneDNN runs the convolution the ReLU is its post-op, saving a pass over the
+    output (nincc.compile.relu_fusions picks the pairs); elsewhere the two in turn."""
+    return partial(_conv_nhwc, relu=slope)
 
 
 # ---------------------------------------------------------------- pooling
@@ -699,11 +729,22 @@ FAST_LOWERINGS: dict[str, FastLowering] = {
 # ---------------------------------------------------------------- choosing a lowering
 
 
-def backward_note(type_name: str, attrs: Any, bottom_shapes: Sequence[Sequence[int]]) -> str:
-    """How this layer's fast lowering runs when differentiated, where that differs from its
-    forward ("" elsewhere): for `nincc time`, whose forward times the undifferentiated path."""
+def forward_note(type_name: str, attrs: Any, bottom_shapes: Sequence[Sequence[int]]) -> str:
+    """Which kernels this layer's fast lowering calls, where not XLA's: "oneDNN" for a
+    convolution nincc.onednn runs ("" elsewhere)."""
     if type_name != "Convolution" or lowering_for(type_name, attrs, bottom_shapes) is None:
         return ""
+    return "oneDNN" if all(uses_onednn(shape=s) for s in bottom_shapes) else ""
+
+
+def backward_note(type_name: str, attrs: Any, bottom_shapes: Sequence[Sequence[int]]) -> str:
+    """How this layer's fast lowering runs when differentiated ("" for XLA's kernels): "oneDNN"
+    or the FFT path (its tiles); for `nincc time` and `nincc inspect`."""
+    if type_name != "Convolution" or lowering_for(type_name, attrs, bottom_shapes) is None:
+        return ""
+    note = forward_note(type_name, attrs, bottom_shapes)
+    if note:
+        return note
     notes = set()
     for shape in bottom_shapes:
         tiles = fft_tiles(attrs, tuple(shape))

@@ -1285,7 +1285,7 @@ def cmd_time(args: argparse.Namespace) -> int:
 
 
 def _report_time(log: logging.Logger, net: Any, params: Any, args: argparse.Namespace) -> None:
-    from .fast import backward_note
+    from .fast import backward_note, forward_note
     from .hugepages import describe
 
     log.info("*** Benchmark begins ***")
@@ -1296,14 +1296,16 @@ def _report_time(log: logging.Logger, net: Any, params: Any, args: argparse.Name
         log.info("Median time per layer (each layer jitted alone, with the train step's lowering):")
         layers = {layer.name: layer for layer in net.graph.layers}
         for name, f_ms, b_ms, kind in t.layers:
-            tag = " [fast]" if kind == "fast" else ""
-            log.info("%10s\tforward: %s ms.%s", name, num(f_ms), tag)
+            layer = layers[name]
+            shapes = [net.graph.value(b).shape for b in layer.bottoms]
+            tags = ["", ""]
+            if kind == "fast":
+                notes = (forward_note, backward_note)
+                tags = [n(layer.type, layer.attrs, shapes) for n in notes]
+                tags = [f" [fast, {n}]" if n else " [fast]" for n in tags]
+            log.info("%10s\tforward: %s ms.%s", name, num(f_ms), tags[0])
             if b_ms is not None:
-                layer = layers[name]
-                shapes = [net.graph.value(b).shape for b in layer.bottoms]
-                note = backward_note(layer.type, layer.attrs, shapes) if kind == "fast" else ""
-                btag = f" [fast, {note}]" if note else tag
-                log.info("%10s\tbackward: %s ms.%s", name, num(b_ms), btag)
+                log.info("%10s\tbackward: %s ms.%s", name, num(b_ms), tags[1])
     log.info("Median Forward pass: %s ms.", num(t.forward_ms))
     log.info("Backward pass (forward-backward minus forward): %s ms.",
              num(max(0.0, t.forward_backward_ms - t.forward_ms)))

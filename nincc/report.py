@@ -26,14 +26,17 @@ class LayerRow:
 
 def lowering(layer, bottom_shapes, phase: str) -> str:
     """The lowering a compiled net runs ``layer`` with: "fast" (nincc.fast's) or "table" (the
-    layer table's); in a TRAIN net, "fast, FFT" (and its tiles) for a convolution the train
-    step runs through the FFT (nincc.fftconv: on the CPU backend, unless NINCC_FFT=0)."""
+    layer table's); "fast, oneDNN" for a convolution run by oneDNN (nincc.onednn), and in a
+    TRAIN net "fast, FFT" (and its tiles) for one the train step runs through the FFT
+    (nincc.fftconv: on the CPU backend, unless NINCC_FFT=0)."""
     from .compile import choose_lowering
-    from .fast import backward_note
+    from .fast import backward_note, forward_note
 
     kind = choose_lowering(layer, bottom_shapes)[1]
-    if kind == "fast" and phase == "TRAIN":
-        note = backward_note(layer.type, layer.attrs, bottom_shapes)
+    if kind == "fast":
+        note = (backward_note if phase == "TRAIN" else forward_note)(
+            layer.type, layer.attrs, bottom_shapes
+        )
         if note:
             return f"fast, {note}"
     return kind

@@ -39,3 +39,26 @@ def fixture_case(name: str) -> Path:
 
 def manifest(name: str) -> dict:
     return json.loads((fixture_case(name) / "manifest.json").read_text())
+
+
+@pytest.fixture(params=["xla", "onednn"])
+def conv_kernels(request, monkeypatch):
+    """Run the test with each convolution backend of nincc.fast: XLA's kernels (NINCC_ONEDNN=0)
+    and oneDNN's (skipped where the library is not installed)."""
+    from nincc import onednn
+
+    if request.param == "onednn":
+        if not onednn.available():
+            pytest.skip("oneDNN is not installed (pip install 'nincc[onednn]')")
+        monkeypatch.delenv(onednn.OPT_OUT, raising=False)
+    else:
+        monkeypatch.setenv(onednn.OPT_OUT, "0")
+    return request.param
+
+
+@pytest.fixture
+def xla_kernels(monkeypatch):
+    """Convolutions on XLA's kernels (NINCC_ONEDNN=0): for tests of the XLA-side paths."""
+    from nincc import onednn
+
+    monkeypatch.setenv(onednn.OPT_OUT, "0")

@@ -105,7 +105,7 @@ POINTWISE = [
 
 
 @pytest.mark.parametrize("n,c,h,w,o,stride,group,bias", POINTWISE)
-def test_pointwise_convolution_matches_table(n, c, h, w, o, stride, group, bias):
+def test_pointwise_convolution_matches_table(n, c, h, w, o, stride, group, bias, conv_kernels):
     attrs = layer_attrs(
         "Convolution",
         f"convolution_param {{ num_output: {o} kernel_size: 1 stride: {stride} "
@@ -116,7 +116,7 @@ def test_pointwise_convolution_matches_table(n, c, h, w, o, stride, group, bias)
     compare("Convolution", attrs, params, [randn(rng, (n, c, h, w))])
 
 
-def test_pointwise_convolution_two_bottoms():
+def test_pointwise_convolution_two_bottoms(conv_kernels):
     attrs = layer_attrs("Convolution", "convolution_param { num_output: 8 kernel_size: 1 }", 2, 2)
     rng = np.random.default_rng(1)
     params = [randn(rng, (8, 6, 1, 1)), randn(rng, (8,))]
@@ -149,7 +149,7 @@ KXK = [
 
 
 @pytest.mark.parametrize("body,shape,o", KXK)
-def test_kxk_convolution_matches_table(body, shape, o):
+def test_kxk_convolution_matches_table(body, shape, o, conv_kernels):
     attrs = layer_attrs("Convolution", f"convolution_param {{ num_output: {o} {body} }}")
     g = fast._geometry(attrs, shape)
     rng = np.random.default_rng(sum(shape) + o)
@@ -309,7 +309,7 @@ def test_every_fast_lowering_names_a_table_type():
         assert fl.doc
 
 
-def test_whole_net_gradients_match_with_fast_lowerings():
+def test_whole_net_gradients_match_with_fast_lowerings(conv_kernels):
     """NIN CIFAR-10's train net (dropout off): loss and every weight gradient agree."""
     import dataclasses
 
@@ -586,7 +586,14 @@ def _zoo_and_corpus_layers():
 
 
 @pytest.mark.parametrize("layer,shapes", _zoo_and_corpus_layers())
-def test_fast_lowering_matches_table_on_zoo_and_corpus_shapes(layer, shapes):
+def test_fast_lowering_matches_table_on_zoo_and_corpus_shapes(layer, shapes, monkeypatch):
+    """Convolutions both on XLA's kernels and, where installed, oneDNN's."""
+    from nincc import onednn
+
     rng = np.random.default_rng(len(layer.name))
     params = [randn(rng, p.shape, 0.1) for p in layer.params]
-    compare(layer.type, layer.attrs, params, [randn(rng, s) for s in shapes])
+    bottoms = [randn(rng, s) for s in shapes]
+    kernels = ["0"] + (["1"] if layer.type == "Convolution" and onednn.available() else [])
+    for switch in kernels:
+        monkeypatch.setenv(onednn.OPT_OUT, switch)
+        compare(layer.type, layer.attrs, params, bottoms)

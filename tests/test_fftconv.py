@@ -4,15 +4,20 @@ XLA's direct convolution."""
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nincc import fast, fftconv
+from nincc import fast, fftconv, onednn
 
 from .conftest import FIXTURES
 from .test_fast import BWD_REL, FWD_REL, assert_close, compare, layer_attrs, randn
+
+pytestmark = pytest.mark.usefixtures("xla_kernels")  # the FFT is an XLA-side path
 
 
 def naive_correlation(x, w, padding):
@@ -159,8 +164,13 @@ def test_fast_convolution_takes_the_fft(n, h, w, windows):
 def _zoo_and_corpus_fft_layers():
     from .test_fast import _zoo_and_corpus_layers
 
+    with mock.patch.dict(os.environ, {onednn.OPT_OUT: "0"}):
+        return _fft_layers(_zoo_and_corpus_layers())
+
+
+def _fft_layers(layers):
     out = []
-    for p in _zoo_and_corpus_layers():
+    for p in layers:
         layer, shapes = p.values
         if layer.type != "Convolution" or len(shapes) != 1:
             continue

@@ -1,0 +1,743 @@
+"""Convolutions through oneDNN, called in place from jitted code as XLA FFI custom calls.
+
+XLA:CPU's own convolution kernels run the zoo's layers 1.2-2.9x slower than oneDNN's, the
+kernels PyTorch uses (docs/performance.md section 27). This module reaches oneDNN without a
+compiled extension: ``libdnnl`` (the ``onednn`` extra, oneDNN 3.x's C API, whose enums are
+ABI-stable across 3.x) is loaded with ctypes, and each convolution geometry gets an FFI
+handler -- a ctypes callback registered with :func:`jax.ffi.register_ffi_target` -- that
+runs a cached oneDNN primitive directly on the buffers XLA passes: no copy in or out, unlike
+a host callback. The scratch memory a primitive needs (its scratchpad, weights reordered
+into its blocked layout) is an extra output of the custom call, so XLA owns every byte and
+concurrent calls share nothing. Activations are NHWC (oneDNN's ``nhwc``), weights Caffe's
+OIHW (``goihw`` with groups); dilation is Caffe's (oneDNN counts it from 0).
+
+:func:`conv` is differentiable (custom VJP: oneDNN's backward-data and backward-weights
+primitives, the bias gradient from the latter). It is used on the CPU backend when the
+library loads, unless ``NINCC_ONEDNN=0`` (:func:`enabled`).
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import ctypes.util
+import os
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from functools import cache, lru_cache, partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .switches import switched_off
+
+OPT_OUT = "NINCC_ONEDNN"
+
+# oneDNN 3.x C API values (oneapi/dnnl/dnnl_types.h, dnnl_common_types.h)
+_F32 = 3
+_CPU_ENGINE = 1
+_STREAM_IN_ORDER = 1
+_TAG_ANY, _TAG_X, _TAG_NHWC, _TAG_OIHW, _TAG_GOIHW = 1, 2, 22, 5, 6
+_FORWARD_TRAINING, _FORWARD_INFERENCE = 64, 96
+_CONVOLUTION_DIRECT = 1
+_ELTWISE_RELU = 0x20
+_QUERY_IMPL_INFO = 8
+_QUERY_WEIGHTS_MD, _QUERY_DIFF_WEIGHTS_MD, _QUERY_SCRATCHPAD_MD = 131, 132, 136
+_SCRATCHPAD_USER = 1
+_ARG_SRC, _ARG_DST, _ARG_WEIGHTS, _ARG_BIAS, _ARG_SCRATCHPAD = 1, 17, 33, 41, 80
+_ARG_DIFF_SRC, _ARG_DIFF_DST, _ARG_DIFF_WEIGHTS, _ARG_DIFF_BIAS = 129, 145, 161, 169
+_ARG_FROM, _ARG_TO = 1, 17
+
+_vp = C.c_void_p
+_DIMS = C.c_int64 * 12
+
+
+class OneDNNError(RuntimeError):
+    """A oneDNN call failed (its status code and what was being done)."""
+
+
+# ---------------------------------------------------------------- loading the library
+
+
+def _candidates() -> list[str]:
+    """Where libdnnl may be: the environment's lib directory (the PyPI wheels install it
+    there), then the system's search path."""
+    names = []
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        names.append(os.path.join(prefix, "lib", "libdnnl.so.3"))
+    found = ctypes.util.find_library("dnnl")
+    if found:
+        names.append(found)
+    return names
+
+
+@contextmanager
+def _passive_openmp() -> Iterator[None]:
+    """Load time only: OpenMP threads that sleep when a parallel region ends.
+
+    The PyPI oneDNN runs on GNU OpenMP, whose idle threads spin by default; between two
+    oneDNN calls such a spinning thread takes a core from XLA's own threads (with 2 cores:
+    half the machine). libgomp reads the policy once, when it loads, so it is set for the
+    load and then restored, leaving other OpenMP users (PyTorch's own copy) as they were. A
+    policy the user set (``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``) is kept.
+    """
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        yield
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        yield
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
+
+
+@lru_cache(maxsize=1)
+def _lib() -> C.CDLL | None:
+    for name in _candidates():
+        try:
+            with _passive_openmp():
+                lib = C.CDLL(name)
+        except OSError:
+            continue
+        lib.dnnl_version.restype = C.POINTER(C.c_int32 * 3)
+        if lib.dnnl_version().contents[0] != 3:
+            continue
+        lib.dnnl_primitive_desc_query_md.restype = _vp
+        lib.dnnl_memory_desc_get_size.restype = C.c_size_t
+        return lib
+    return None
+
+
+def available() -> bool:
+    """Whether a oneDNN 3.x library loads (``pip install 'nincc[onednn]'``) and this JAX has
+    the FFI (``jax.ffi``) to call it."""
+    return hasattr(jax, "ffi") and _lib() is not None
+
+
+def version() -> str | None:
+    """The loaded oneDNN's version, e.g. ``3.2.0`` (None without the library)."""
+    lib = _lib()
+    if lib is None:
+        return None
+    v = lib.dnnl_version().contents
+    return ".".join(str(x) for x in v)
+
+
+def enabled(environ: Mapping[str, str] | None = None, backend: str | None = None) -> bool:
+    """Whether convolutions go through oneDNN: on the CPU backend, with the library
+    present, unless ``NINCC_ONEDNN`` is 0 (or false, no, off)."""
+    env = os.environ if environ is None else environ
+    if switched_off(OPT_OUT, env):
+        return False
+    return (backend or jax.default_backend()) == "cpu" and available()
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise OneDNNError(f"oneDNN {what} failed (status {status})")
+
+
+@lru_cache(maxsize=1)
+def _engine() -> _vp:
+    eng = _vp()
+    _check(_lib().dnnl_engine_create(C.byref(eng), _CPU_ENGINE, 0), "engine creation")
+    return eng
+
+
+_streams = threading.local()
+
+
+def _stream() -> _vp:
+    """One oneDNN stream per calling thread (XLA may run independent calls concurrently)."""
+    s = getattr(_streams, "stream", None)
+    if s is None:
+        s = _vp()
+        _check(_lib().dnnl_stream_create(C.byref(s), _engine(), _STREAM_IN_ORDER), "stream")
+        _streams.stream = s
+    return s
+
+
+# ---------------------------------------------------------------- primitives
+
+
+class _ExecArg(C.Structure):
+    _fields_ = [("arg", C.c_int), ("memory", _vp)]
+
+
+def _md(dims: tuple[int, ...], tag: int) -> _vp:
+    md = _vp()
+    _check(
+        _lib().dnnl_memory_desc_create_with_tag(C.byref(md), len(dims), _DIMS(*dims), _F32, tag),
+        "memory descriptor",
+    )
+    return md
+
+
+def _md_size(md: _vp) -> int:
+    return int(_lib().dnnl_memory_desc_get_size(md))
+
+
+def _query_md(pd: _vp, what: int) -> _vp:
+    return _vp(_lib().dnnl_primitive_desc_query_md(pd, what, 0))
+
+
+def _impl(pd: _vp) -> str:
+    info = C.c_char_p()
+    _lib().dnnl_primitive_desc_query(pd, _QUERY_IMPL_INFO, 0, C.byref(info))
+    return (info.value or b"?").decode()
+
+
+def _user_attr(relu: float | None = None) -> _vp:
+    """Primitive attributes: the scratchpad is the caller's; optionally a fused ReLU."""
+    attr = _vp()
+    lib = _lib()
+    _check(lib.dnnl_primitive_attr_create(C.byref(attr)), "attribute creation")
+    _check(lib.dnnl_primitive_attr_set_scratchpad_mode(attr, _SCRATCHPAD_USER), "scratchpad")
+    if relu is not None:
+        post_ops = _vp()
+        _check(lib.dnnl_post_ops_create(C.byref(post_ops)), "post-ops creation")
+        _check(
+            lib.dnnl_post_ops_append_eltwise(
+                post_ops, _ELTWISE_RELU, C.c_float(relu), C.c_float(0)
+            ),
+            "fused ReLU",
+        )
+        _check(lib.dnnl_primitive_attr_set_post_ops(attr, post_ops), "post-ops")
+        lib.dnnl_post_ops_destroy(post_ops)
+    return attr
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """One convolution's geometry: NHWC input (n, h, w, c), Caffe weights (o, c/g, kh, kw),
+    NHWC output (n, oh, ow, o); padding low and high per axis, Caffe dilation."""
+
+    n: int
+    h: int
+    w: int
+    c: int
+    o: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    pad_low: tuple[int, int]
+    pad_high: tuple[int, int]
+    dilation: tuple[int, int]
+    group: int
+    bias: bool
+    relu: float | None = None  # forward only: a ReLU of this negative slope fused after
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return tuple(  # type: ignore[return-value]
+            (i + lo + hi - ((k - 1) * d + 1)) // s + 1
+            for i, lo, hi, k, d, s in zip(
+                (self.h, self.w),
+                self.pad_low,
+                self.pad_high,
+                self.kernel,
+                self.dilation,
+                self.stride,
+                strict=True,
+            )
+        )
+
+    def descs(self) -> dict[str, Any]:
+        """oneDNN memory descriptors (logical NCHW dims, as oneDNN wants them)."""
+        oh, ow = self.out_hw
+        kh, kw = self.kernel
+        g = self.group
+        if g == 1:
+            wdims, wtag = (self.o, self.c, kh, kw), _TAG_OIHW
+        else:
+            wdims, wtag = (g, self.o // g, self.c // g, kh, kw), _TAG_GOIHW
+        return {
+            "src": _md((self.n, self.c, self.h, self.w), _TAG_NHWC),
+            "dst": _md((self.n, self.o, oh, ow), _TAG_NHWC),
+            "w_user": _md(wdims, wtag),
+            "w_any": _md(wdims, _TAG_ANY),
+            "bias": _md((self.o,), _TAG_X) if self.bias else None,
+        }
+
+    def geometry(self) -> tuple[_DIMS, _DIMS, _DIMS, _DIMS]:
+        """strides, dilations (oneDNN's, from 0), padding low, padding high."""
+        return (
+            _DIMS(*self.stride),
+            _DIMS(*(d - 1 for d in self.dilation)),
+            _DIMS(*self.pad_low),
+            _DIMS(*self.pad_high),
+        )
+
+
+class _Primitive:
+    """A oneDNN primitive with the weight reorder around it and its scratch sizes.
+
+    Runs on raw pointers: ``run(ptrs)`` maps oneDNN argument ids to the buffers XLA
+    passes; ``scratch`` holds the extra byte buffers the call's outputs provide.
+    """
+
+    def __init__(self, pd: _vp, extra: dict[str, Any]) -> None:
+        lib = _lib()
+        self.pd = pd
+        self.impl = _impl(pd)
+        self.prim = _vp()
+        _check(lib.dnnl_primitive_create(C.byref(self.prim), pd), "primitive creation")
+        self.scratchpad_md = _query_md(pd, _QUERY_SCRATCHPAD_MD)
+        self.scratchpad_bytes = _md_size(self.scratchpad_md)
+        self.__dict__.update(extra)
+
+
+def _reorder(src_md: Any, dst_md: Any) -> _vp:
+    """A reorder primitive between two layouts of the same weights."""
+    lib = _lib()
+    pd, prim = _vp(), _vp()
+    eng = _engine()
+    _check(
+        lib.dnnl_reorder_primitive_desc_create(C.byref(pd), src_md, eng, dst_md, eng, None),
+        "weight reorder",
+    )
+    _check(lib.dnnl_primitive_create(C.byref(prim), pd), "reorder primitive")
+    return prim
+
+
+def _same_layout(a: Any, b: Any) -> bool:
+    return bool(_lib().dnnl_memory_desc_equal(a, b))
+
+
+class ConvPrimitives:
+    """The forward, backward-data and backward-weights primitives of one ConvSpec.
+
+    Each direction exposes ``outputs``: (shape, dtype) of what its custom call returns,
+    the real result first, then its byte scratch buffers.
+    """
+
+    def __init__(self, spec: ConvSpec) -> None:
+        self.spec = spec
+        self.d = spec.descs()
+        self._fwd_hint: _vp | None = None
+
+    def _fwd_pd(self, prop: int, attr: _vp | None) -> _vp:
+        d, lib = self.d, _lib()
+        pd = _vp()
+        _check(
+            lib.dnnl_convolution_forward_primitive_desc_create(
+                C.byref(pd),
+                _engine(),
+                prop,
+                _CONVOLUTION_DIRECT,
+                d["src"],
+                d["w_any"],
+                d["bias"],
+                d["dst"],
+                *self.spec.geometry(),
+                attr,
+            ),
+            "convolution forward",
+        )
+        return pd
+
+    def hint(self) -> _vp:
+        if self._fwd_hint is None:
+            self._fwd_hint = self._fwd_pd(_FORWARD_TRAINING, None)
+        return self._fwd_hint
+
+    @property
+    def forward(self) -> _Primitive:
+        if not hasattr(self, "_forward"):
+            pd = self._fwd_pd(_FORWARD_INFERENCE, _user_attr(self.spec.relu))
+            wmd = _query_md(pd, _QUERY_WEIGHTS_MD)
+            d = self.d
+            reorder = None if _same_layout(wmd, d["w_user"]) else _reorder(d["w_user"], wmd)
+            self._forward = _Primitive(pd, {"w_md": wmd, "reorder": reorder})
+        return self._forward
+
+    @property
+    def backward_data(self) -> _Primitive:
+        if not hasattr(self, "_backward_data"):
+            d, lib = self.d, _lib()
+            pd = _vp()
+            _check(
+                lib.dnnl_convolution_backward_data_primitive_desc_create(
+                    C.byref(pd),
+                    _engine(),
+                    _CONVOLUTION_DIRECT,
+                    d["src"],
+                    d["w_any"],
+                    d["dst"],
+                    *self.spec.geometry(),
+                    self.hint(),
+                    _user_attr(),
+                ),
+                "convolution backward data",
+            )
+            wmd = _query_md(pd, _QUERY_WEIGHTS_MD)
+            reorder = None if _same_layout(wmd, d["w_user"]) else _reorder(d["w_user"], wmd)
+            self._backward_data = _Primitive(pd, {"w_md": wmd, "reorder": reorder})
+        return self._backward_data
+
+    @property
+    def backward_weights(self) -> _Primitive:
+        if not hasattr(self, "_backward_weights"):
+            d, lib = self.d, _lib()
+            pd = _vp()
+            _check(
+                lib.dnnl_convolution_backward_weights_primitive_desc_create(
+                    C.byref(pd),
+                    _engine(),
+                    _CONVOLUTION_DIRECT,
+                    d["src"],
+                    d["w_any"],
+                    d["bias"],
+                    d["dst"],
+                    *self.spec.geometry(),
+                    self.hint(),
+                    _user_attr(),
+                ),
+                "convolution backward weights",
+            )
+            wmd = _query_md(pd, _QUERY_DIFF_WEIGHTS_MD)
+            reorder = None if _same_layout(wmd, d["w_user"]) else _reorder(wmd, d["w_user"])
+            self._backward_weights = _Primitive(pd, {"w_md": wmd, "reorder": reorder})
+        return self._backward_weights
+
+
+def _memory(md: Any, ptr: int) -> _vp:
+    mem = _vp()
+    _check(_lib().dnnl_memory_create(C.byref(mem), md, _engine(), _vp(ptr)), "memory object")
+    return mem
+
+
+def _execute(prim: _vp, args: dict[int, tuple[Any, int]]) -> None:
+    """Run ``prim`` on the stream of this thread; ``args`` maps oneDNN argument ids to
+    (memory descriptor, pointer). Memory objects are made per call: they are cheap, and a
+    call then shares no state with one running concurrently on another thread."""
+    lib = _lib()
+    mems = [(arg, _memory(md, ptr)) for arg, (md, ptr) in args.items()]
+    try:
+        packed = (_ExecArg * len(mems))(*(_ExecArg(a, m) for a, m in mems))
+        stream = _stream()
+        _check(lib.dnnl_primitive_execute(prim, stream, len(mems), packed), "execution")
+        _check(lib.dnnl_stream_wait(stream), "stream wait")
+    finally:
+        for _, m in mems:
+            lib.dnnl_memory_destroy(m)
+
+
+# ---------------------------------------------------------------- running the three directions
+
+
+def _run_forward(p: ConvPrimitives, ins: list[int], outs: list[int]) -> None:
+    prim, d = p.forward, p.d
+    x, w = ins[0], ins[1]
+    y, scratch, wbuf = outs[0], outs[1], outs[2] if len(outs) > 2 else None
+    if prim.reorder is not None:
+        _execute(prim.reorder, {_ARG_FROM: (d["w_user"], w), _ARG_TO: (prim.w_md, wbuf)})
+        w = wbuf
+    args = {
+        _ARG_SRC: (d["src"], x),
+        _ARG_WEIGHTS: (prim.w_md, w),
+        _ARG_DST: (d["dst"], y),
+        _ARG_SCRATCHPAD: (prim.scratchpad_md, scratch),
+    }
+    if p.spec.bias:
+        args[_ARG_BIAS] = (d["bias"], ins[2])
+    _execute(prim.prim, args)
+
+
+def _run_backward_data(p: ConvPrimitives, ins: list[int], outs: list[int]) -> None:
+    prim, d = p.backward_data, p.d
+    dy, w = ins
+    dx, scratch, wbuf = outs[0], outs[1], outs[2] if len(outs) > 2 else None
+    if prim.reorder is not None:
+        _execute(prim.reorder, {_ARG_FROM: (d["w_user"], w), _ARG_TO: (prim.w_md, wbuf)})
+        w = wbuf
+    _execute(
+        prim.prim,
+        {
+            _ARG_DIFF_DST: (d["dst"], dy),
+            _ARG_WEIGHTS: (prim.w_md, w),
+            _ARG_DIFF_SRC: (d["src"], dx),
+            _ARG_SCRATCHPAD: (prim.scratchpad_md, scratch),
+        },
+    )
+
+
+def _run_backward_weights(p: ConvPrimitives, ins: list[int], outs: list[int]) -> None:
+    prim, d = p.backward_weights, p.d
+    x, dy = ins
+    dw = outs[0]
+    rest = outs[1:]
+    db = rest.pop(0) if p.spec.bias else None
+    scratch = rest.pop(0)
+    target = rest.pop(0) if prim.reorder is not None else dw
+    args = {
+        _ARG_SRC: (d["src"], x),
+        _ARG_DIFF_DST: (d["dst"], dy),
+        _ARG_DIFF_WEIGHTS: (prim.w_md, target),
+        _ARG_SCRATCHPAD: (prim.scratchpad_md, scratch),
+    }
+    if db is not None:
+        args[_ARG_DIFF_BIAS] = (d["bias"], db)
+    _execute(prim.prim, args)
+    if prim.reorder is not None:
+        _execute(prim.reorder, {_ARG_FROM: (prim.w_md, target), _ARG_TO: (d["w_user"], dw)})
+
+
+# ---------------------------------------------------------------- the XLA FFI side
+
+
+class _ExtBase(C.Structure):
+    _fields_ = [("struct_size", C.c_size_t), ("type", C.c_int), ("next", _vp)]
+
+
+class _ApiVersion(C.Structure):
+    _fields_ = [
+        ("struct_size", C.c_size_t),
+        ("extension_start", _vp),
+        ("major", C.c_int),
+        ("minor", C.c_int),
+    ]
+
+
+class _Metadata(C.Structure):
+    _fields_ = [
+        ("struct_size", C.c_size_t),
+        ("api_version", _ApiVersion),
+        ("traits", C.c_uint32),
+        ("state_type_id", C.c_int64),
+    ]
+
+
+class _MetadataExtension(C.Structure):
+    _fields_ = [("base", _ExtBase), ("metadata", C.POINTER(_Metadata))]
+
+
+class _Buffer(C.Structure):
+    _fields_ = [
+        ("struct_size", C.c_size_t),
+        ("extension_start", _vp),
+        ("dtype", C.c_int),
+        ("data", _vp),
+        ("rank", C.c_int64),
+        ("dims", C.POINTER(C.c_int64)),
+    ]
+
+
+class _Buffers(C.Structure):  # XLA_FFI_Args and XLA_FFI_Rets share this layout
+    _fields_ = [
+        ("struct_size", C.c_size_t),
+        ("extension_start", _vp),
+        ("size", C.c_int64),
+        ("types", _vp),
+        ("items", C.POINTER(C.POINTER(_Buffer))),
+    ]
+
+
+class _Attrs(C.Structure):
+    _fields_ = [
+        ("struct_size", C.c_size_t),
+        ("extension_start", _vp),
+        ("size", C.c_int64),
+        ("types", _vp),
+        ("names", _vp),
+        ("attrs", _vp),
+    ]
+
+
+class _CallFrame(C.Structure):
+    _fields_ = [
+        ("struct_size", C.c_size_t),
+        ("extension_start", C.POINTER(_ExtBase)),
+        ("api", _vp),
+        ("ctx", _vp),
+        ("stage", C.c_int),
+        ("args", _Buffers),
+        ("rets", _Buffers),
+        ("attrs", _Attrs),
+        ("future", _vp),
+    ]
+
+
+class _ErrorCreateArgs(C.Structure):
+    _fields_ = [
+        ("struct_size", C.c_size_t),
+        ("extension_start", _vp),
+        ("message", C.c_char_p),
+        ("errc", C.c_int),
+    ]
+
+
+_ERROR_CREATE = C.CFUNCTYPE(_vp, C.POINTER(_ErrorCreateArgs))
+_API_ERROR_CREATE = 6  # XLA_FFI_Api: size, extension, version (3 words), internal API, then it
+_ERRC_INTERNAL = 13
+_HANDLER = C.CFUNCTYPE(_vp, C.POINTER(_CallFrame))
+_registered: dict[str, Any] = {}  # target name -> ctypes callback (kept alive)
+_register_lock = threading.Lock()
+
+
+def _error(frame: _CallFrame, message: str) -> int | None:
+    """An XLA_FFI_Error for ``message``, made through the API table XLA passes."""
+    table = C.cast(frame.api, C.POINTER(_vp))
+    create = _ERROR_CREATE(table[_API_ERROR_CREATE])
+    args = _ErrorCreateArgs(
+        _ErrorCreateArgs.errc.offset + C.sizeof(C.c_int), None, message.encode(), _ERRC_INTERNAL
+    )
+    return create(C.byref(args))
+
+
+def _handler(run: Any) -> Any:
+    def handle(frame_ptr: Any) -> int | None:
+        frame = frame_ptr.contents
+        if frame.extension_start:  # XLA asks which FFI version the handler speaks
+            ext = C.cast(frame.extension_start, C.POINTER(_MetadataExtension)).contents
+            if ext.base.type == 1:
+                meta = ext.metadata.contents
+                meta.api_version.major, meta.api_version.minor = 0, 1
+                meta.traits = 0
+                return None
+        try:
+            ins = [frame.args.items[i].contents.data for i in range(frame.args.size)]
+            outs = [frame.rets.items[i].contents.data for i in range(frame.rets.size)]
+            run(ins, outs)
+        except Exception as e:  # reported by XLA as the computation's error
+            return _error(frame, f"nincc oneDNN convolution: {e}")
+        return None
+
+    return _HANDLER(handle)
+
+
+def _target(name: str, run: Any) -> str:
+    """Register ``run(ins, outs)`` as the CPU FFI target ``name`` (once)."""
+    with _register_lock:
+        if name not in _registered:
+            callback = _handler(run)
+            new_capsule = C.pythonapi.PyCapsule_New
+            new_capsule.restype = C.py_object
+            new_capsule.argtypes = [_vp, C.c_char_p, _vp]
+            capsule = new_capsule(C.cast(callback, _vp).value, None, None)
+            jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+            _registered[name] = callback
+    return name
+
+
+@cache
+def primitives(spec: ConvSpec) -> ConvPrimitives:
+    """The (cached) primitives of one geometry."""
+    return ConvPrimitives(spec)
+
+
+def _name(spec: ConvSpec, direction: str) -> str:
+    fields = [spec.n, spec.h, spec.w, spec.c, spec.o, *spec.kernel, *spec.stride]
+    fields += [*spec.pad_low, *spec.pad_high, *spec.dilation, spec.group, int(spec.bias)]
+    if spec.relu is not None:
+        fields.append("relu" + repr(spec.relu).replace(".", "p").replace("-", "m"))
+    return f"nincc_onednn_{direction}_" + "_".join(map(str, fields))
+
+
+def _bytes(n: int) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((max(n, 1),), jnp.uint8)
+
+
+def _scratch(prim: _Primitive) -> list[jax.ShapeDtypeStruct]:
+    out = [_bytes(prim.scratchpad_bytes)]
+    if prim.reorder is not None:
+        out.append(_bytes(_md_size(prim.w_md)))
+    return out
+
+
+def forward(spec: ConvSpec, x: Any, w: Any, b: Any | None) -> Any:
+    """y = conv(x, w) (+ b) (then the fused ReLU, if ``spec.relu``), one custom call."""
+    p = primitives(spec)
+    oh, ow = spec.out_hw
+    y = jax.ShapeDtypeStruct((spec.n, oh, ow, spec.o), jnp.float32)
+    name = _target(_name(spec, "fwd"), partial(_run_forward, p))
+    args = (x, w) if b is None else (x, w, b)
+    return jax.ffi.ffi_call(name, [y, *_scratch(p.forward)])(*args)[0]
+
+
+def backward(spec: ConvSpec, x: Any, w: Any, dy: Any) -> tuple[Any, Any, Any | None]:
+    """(dx, dw, db) of the convolution (not its fused ReLU) for dy: two custom calls."""
+    spec = replace(spec, relu=None)
+    p = primitives(spec)
+    bd, bw = p.backward_data, p.backward_weights
+    dx_type = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    dx = jax.ffi.ffi_call(
+        _target(_name(spec, "bwd_data"), partial(_run_backward_data, p)), [dx_type, *_scratch(bd)]
+    )(dy, w)[0]
+    outs = [jax.ShapeDtypeStruct(w.shape, jnp.float32)]
+    if spec.bias:
+        outs.append(jax.ShapeDtypeStruct((spec.o,), jnp.float32))
+    outs += _scratch(bw)
+    res = jax.ffi.ffi_call(
+        _target(_name(spec, "bwd_weights"), partial(_run_backward_weights, p)), outs
+    )(x, dy)
+    return dx, res[0], (res[1] if spec.bias else None)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _conv(spec: ConvSpec, x: Any, w: Any, b: Any) -> Any:
+    return forward(spec, x, w, b if spec.bias else None)
+
+
+def _conv_fwd(spec, x, w, b):
+    y = forward(spec, x, w, b if spec.bias else None)
+    # The fused ReLU's gradient needs where y > 0: kept as one bit per element.
+    return y, (x, w, None if spec.relu is None else jnp.packbits(y > 0))
+
+
+def _conv_bwd(spec, res, dy):
+    x, w, mask = res
+    if mask is not None:
+        positive = jnp.unpackbits(mask, count=dy.size).reshape(dy.shape).astype(bool)
+        dy = jnp.where(positive, dy, dy * spec.relu)  # Caffe's ReLU backward
+    dx, dw, db = backward(spec, x, w, dy)
+    return dx, dw, (db if spec.bias else jnp.zeros((0,), jnp.float32))
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def supports(x_dtype: Any, w_dtype: Any) -> bool:
+    """oneDNN runs the float32 convolutions; other dtypes keep XLA's."""
+    return np.dtype(x_dtype) == np.float32 and np.dtype(w_dtype) == np.float32
+
+
+def conv(
+    x: Any,
+    w: Any,
+    b: Any | None,
+    stride: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    dilation: tuple[int, int] = (1, 1),
+    group: int = 1,
+    relu: float | None = None,
+) -> Any:
+    """The convolution of NHWC ``x`` with Caffe-layout ``w`` (o, c/group, kh, kw), plus
+    ``b`` if given, then a ReLU of negative slope ``relu`` if given (fused: one pass over
+    the output): y (n, oh, ow, o), differentiable in x, w and b."""
+    n, h, wd, c = x.shape
+    o, _, kh, kw = w.shape
+    spec = ConvSpec(
+        n,
+        h,
+        wd,
+        c,
+        o,
+        (kh, kw),
+        tuple(stride),
+        (padding[0][0], padding[1][0]),
+        (padding[0][1], padding[1][1]),
+        tuple(dilation),
+        group,
+        b is not None,
+        None if relu is None else float(relu),
+    )
+    return _conv(spec, x, w, b if b is not None else jnp.zeros((0,), jnp.float32))
+
+
+def implementation(spec: ConvSpec, direction: str = "forward") -> str:
+    """oneDNN's name for the kernel it chose (e.g. ``brgconv:avx512_core``)."""
+    return getattr(primitives(spec), direction).impl

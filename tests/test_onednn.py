@@ -1,0 +1,207 @@
+"""nincc.onednn: convolutions through oneDNN custom calls equal a naive float64 loop (forward
+and all three gradients) over stride, asymmetric padding, groups, dilation and the zoo's
+geometries; the switch and the backend rule; errors surface as XLA errors, not crashes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nincc import fast, onednn
+
+from .test_fast import assert_close, layer_attrs
+
+pytestmark = pytest.mark.skipif(
+    not onednn.available(), reason="oneDNN is not installed (pip install 'nincc[onednn]')"
+)
+
+
+def naive_conv(x, w, b, stride, padding, dilation, group, ct=None):
+    """Caffe's convolution as a loop over kernel taps in float64 (NHWC x, (o, c/g, kh, kw) w):
+    y, or with a cotangent ``ct`` the loop's adjoints (dx, dw, db)."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    (plh, phh), (plw, phw) = padding
+    xp = np.pad(x, ((0, 0), (plh, phh), (plw, phw), (0, 0)))
+    n, hp, wp, c = xp.shape
+    o, cg, kh, kw = w.shape
+    (sh, sw), (dh, dw) = stride, dilation
+    oh = (hp - (dh * (kh - 1) + 1)) // sh + 1
+    ow = (wp - (dw * (kw - 1) + 1)) // sw + 1
+    og = o // group
+    y = np.zeros((n, oh, ow, o))
+    dxp, dwt = np.zeros_like(xp), np.zeros_like(w)
+    for g in range(group):
+        ci, co = slice(g * cg, (g + 1) * cg), slice(g * og, (g + 1) * og)
+        for i in range(kh):
+            for j in range(kw):
+                rows = slice(i * dh, i * dh + sh * (oh - 1) + 1, sh)
+                cols = slice(j * dw, j * dw + sw * (ow - 1) + 1, sw)
+                patch = xp[:, rows, cols, ci]
+                if ct is None:
+                    y[..., co] += patch @ w[co, :, i, j].T
+                else:
+                    dxp[:, rows, cols, ci] += ct[..., co] @ w[co, :, i, j]
+                    dwt[co, :, i, j] += np.einsum("nhwo,nhwc->oc", ct[..., co], patch)
+    if ct is not None:
+        dx = dxp[:, plh : plh + x.shape[1], plw : plw + x.shape[2], :]
+        return dx, dwt, ct.sum(axis=(0, 1, 2))
+    if b is not None:
+        y += np.asarray(b, np.float64)
+    return y
+
+
+# n, h, w, c, o, kernel, stride, padding ((low, high), (low, high)), dilation, group, bias
+CASES = [
+    (2, 9, 9, 4, 6, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 1, True),
+    (2, 10, 11, 4, 6, (3, 3), (2, 2), ((1, 0), (0, 1)), (1, 1), 1, True),  # asymmetric
+    (3, 11, 11, 6, 8, (3, 3), (1, 1), ((2, 2), (2, 2)), (2, 2), 2, False),  # dilated, grouped
+    (2, 8, 7, 3, 5, (1, 1), (1, 1), ((0, 0), (0, 0)), (1, 1), 1, True),  # 1x1
+    (2, 9, 9, 8, 6, (1, 1), (2, 2), ((0, 0), (0, 0)), (1, 1), 2, True),  # strided grouped 1x1
+    (2, 13, 12, 3, 8, (5, 5), (3, 3), ((1, 2), (1, 2)), (1, 1), 1, True),
+    (1, 7, 9, 5, 4, (3, 2), (2, 1), ((1, 1), (0, 0)), (1, 1), 1, True),  # rectangular
+    (2, 35, 35, 3, 8, (11, 11), (4, 4), ((0, 0), (0, 0)), (1, 1), 1, True),  # NIN ImageNet
+    (2, 16, 16, 32, 24, (5, 5), (1, 1), ((2, 2), (2, 2)), (1, 1), 1, True),  # NIN CIFAR-10
+]
+
+
+@pytest.mark.parametrize("n,h,w,c,o,kernel,stride,padding,dilation,group,bias", CASES)
+def test_conv_and_gradients_match_a_naive_loop(
+    n, h, w, c, o, kernel, stride, padding, dilation, group, bias
+):
+    rng = np.random.default_rng(n + h + c + o)
+    x = jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((o, c // group, *kernel)) * 0.2, jnp.float32)
+    b = jnp.asarray(rng.standard_normal(o), jnp.float32) if bias else None
+
+    def f(x, k, b):
+        return onednn.conv(x, k, b, stride, padding, dilation, group)
+
+    y = jax.jit(f)(x, k, b)
+    ref = naive_conv(x, k, b, stride, padding, dilation, group)
+    assert_close(y, ref, 1e-5, "forward")
+
+    ct = rng.standard_normal(ref.shape).astype(np.float32)
+    grads = jax.jit(jax.grad(lambda *a: jnp.vdot(f(*a), ct), (0, 1, 2)))(x, k, b)
+    want = naive_conv(x, k, b, stride, padding, dilation, group, ct.astype(np.float64))
+    for name, got, ref_g in zip(("dx", "dw", "db"), grads, want):
+        if name == "db" and not bias:
+            assert got is None
+            continue
+        assert_close(got, ref_g, 1e-5, name)
+
+
+def test_custom_calls_in_the_jaxpr_and_none_when_switched_off(monkeypatch):
+    """With the switch on, a fast convolution's forward and gradients are oneDNN custom calls;
+    NINCC_ONEDNN=0 leaves XLA's convolutions."""
+    attrs = layer_attrs("Convolution", "convolution_param { num_output: 4 kernel_size: 3 }")
+    rng = np.random.default_rng(0)
+    params = [jnp.asarray(rng.standard_normal((4, 3, 3, 3)), jnp.float32), jnp.zeros(4)]
+    x = jnp.asarray(rng.standard_normal((2, 3, 8, 8)), jnp.float32)
+
+    def names(switch):
+        monkeypatch.setenv(onednn.OPT_OUT, switch)
+        lower = fast.lowering_for("Convolution", attrs, [x.shape])
+        loss = lambda p, b: lower(attrs, p, b, None)[0].sum()  # noqa: E731
+        text = str(jax.make_jaxpr(jax.grad(loss, (0, 1)))(params, [x]))
+        return text.count("nincc_onednn_fwd"), text.count("nincc_onednn_bwd"), text
+
+    fwd, bwd, _ = names("1")
+    assert fwd == 1 and bwd == 2
+    fwd, bwd, text = names("0")
+    assert fwd == bwd == 0 and "conv_general_dilated" in text
+
+
+@pytest.mark.parametrize(
+    "env,backend,expected",
+    [({}, "cpu", True), ({"NINCC_ONEDNN": "0"}, "cpu", False), ({}, "gpu", False),
+     ({"NINCC_ONEDNN": "off"}, "cpu", False), ({"NINCC_ONEDNN": "1"}, "tpu", False)],
+)
+def test_onednn_only_on_the_cpu_unless_turned_off(env, backend, expected):
+    assert onednn.enabled(env, backend) is expected
+
+
+def test_other_dtypes_keep_xla():
+    assert onednn.supports(np.float32, np.float32)
+    assert not onednn.supports(np.float16, np.float32)
+    assert not fast.uses_onednn(np.float32, np.float32, (0, 3, 4, 4))
+
+
+def test_a_failing_primitive_is_an_xla_error_not_a_crash():
+    """An exception inside a handler reaches the caller as the computation's error."""
+
+    def run(ins, outs):
+        raise onednn.OneDNNError("oneDNN execution failed (status 5)")
+
+    name = onednn._target("nincc_onednn_test_failure", run)
+    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((2,), jnp.float32))
+    with pytest.raises(Exception, match="status 5"):
+        jax.block_until_ready(jax.jit(lambda a: call(a))(jnp.ones(2)))
+
+
+def test_the_library_names_its_kernels():
+    spec = onednn.ConvSpec(1, 8, 8, 16, 16, (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), 1, True)
+    assert onednn.version().startswith("3.")
+    for direction in ("forward", "backward_data", "backward_weights"):
+        assert onednn.implementation(spec, direction)
+
+
+_FILL = 'weight_filler { type: "gaussian" std: 0.3 }'
+FUSION_NET = """
+name: "fusion"
+input: "data" input_shape { dim: 2 dim: 3 dim: 9 dim: 9 }
+layer { name: "c1" type: "Convolution" bottom: "data" top: "c1"
+        convolution_param { num_output: 8 kernel_size: 3 pad: 1 FILL
+                            bias_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }
+layer { name: "c2" type: "Convolution" bottom: "c1" top: "c2"
+        convolution_param { num_output: 8 kernel_size: 1 FILL } }
+layer { name: "r2" type: "ReLU" bottom: "c2" top: "c2" relu_param { negative_slope: 0.25 } }
+layer { name: "c3" type: "Convolution" bottom: "c2" top: "c3"
+        convolution_param { num_output: 6 kernel_size: 3 stride: 2 FILL } }
+layer { name: "r3" type: "ReLU" bottom: "c3" top: "r3" }
+layer { name: "c4" type: "Convolution" bottom: "r3" top: "c4"
+        convolution_param { num_output: 4 kernel_size: 1 FILL } }
+layer { name: "split" type: "Split" bottom: "c4" top: "c4a" top: "c4b" }
+layer { name: "r4" type: "ReLU" bottom: "c4a" top: "c4a" }
+layer { name: "sum" type: "Eltwise" bottom: "c4a" bottom: "c4b" top: "sum" }
+""".replace("FILL", _FILL)
+
+
+def test_conv_relu_fusion_picks_in_place_pairs_and_matches_the_table(tmp_path):
+    """In-place ReLUs after oneDNN convolutions are fused (leaky ones too); a ReLU writing
+    another blob, or a convolution whose top is tapped, is not. Forward and gradients match
+    the layer table's lowerings either way."""
+    import nincc
+    from nincc.compile import relu_fusions, run_graph
+
+    path = tmp_path / "fusion.prototxt"
+    path.write_text(FUSION_NET)
+    graph = nincc.load_graph(path)
+    assert relu_fusions(graph) == {"c1": ("r1", 0.0), "c2": ("r2", 0.25)}
+    c1 = graph.layer("c1").tops[0]
+    assert relu_fusions(graph, taps={c1}) == {"c2": ("r2", 0.25)}
+    assert relu_fusions(graph, fast=("Convolution",)) == {}
+
+    params = nincc.compile(graph, jit=False).init(seed=0)
+    rng = np.random.default_rng(0)
+    feeds = {"data": jnp.asarray(rng.standard_normal((2, 3, 9, 9)), jnp.float32)}
+    out = graph.blob_values()["sum"]
+
+    def value_and_grad(use_fast):
+        def objective(p):
+            env, _ = run_graph(graph, p, feeds, fast=use_fast)
+            return jnp.sum(env[out] ** 2)
+
+        return jax.jit(jax.value_and_grad(objective))(params)
+
+    text = str(jax.make_jaxpr(lambda p: run_graph(graph, p, feeds)[0][out])(params))
+    assert text.count("relu0p0") == 1 and text.count("relu0p25") == 1
+    ref_value, ref = value_and_grad(False)
+    value, got = value_and_grad(True)
+    assert_close(value, ref_value, 1e-5, "objective")
+    for name in ref:
+        for i, (g, r) in enumerate(zip(got[name], ref[name], strict=True)):
+            assert_close(g, r, 1e-4, f"{name}[{i}]")
