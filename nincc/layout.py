@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from . import onednn
 from .ir import Graph
 
 # (out, in, kh, kw) -> (kh, kw, in, out) and back
@@ -32,7 +33,12 @@ def kernel_layout(graph: Graph, pointwise: bool = False) -> Layout:
     matrix products, whose weight is an operand in either layout. ``pointwise`` holds 1x1
     weights too, for a forward without gradients, where they run as XLA convolutions
     (nincc.fast). A blob another layer type shares keeps Caffe's layout.
+
+    Where oneDNN runs the convolutions (nincc.onednn), nothing is held: its primitives read
+    Caffe's (out, in, kh, kw) directly, and a held layout would cost a transpose each way.
     """
+    if onednn.enabled():
+        return {}
     foreign = {
         spec.share
         for layer in graph.layers

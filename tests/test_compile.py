@@ -95,7 +95,7 @@ def bound_case(tmp_path_factory):
 
 
 @pytest.mark.parametrize("held", [True, False])
-def test_bound_net_equals_the_net_on_caffe_layout_params(bound_case, held):
+def test_bound_net_equals_the_net_on_caffe_layout_params(conv_kernels, bound_case, held):
     net, params, inputs = bound_case
     bound = net.bind(params, held=held)
     full = net.apply(params, inputs)
@@ -112,7 +112,8 @@ def test_bound_net_equals_the_net_on_caffe_layout_params(bound_case, held):
     assert sorted(bound.apply(inputs, blobs=["cccp"])) == ["cccp"]
 
 
-def test_bound_net_holds_conv_weights_as_the_kernels_read_them(bound_case):
+def test_bound_net_holds_conv_weights_as_the_kernels_read_them(xla_kernels, bound_case):
+    """XLA's kernels read (kh, kw, in, out); oneDNN's read Caffe's layout (nothing held)."""
     net, params, _ = bound_case
     held = net.bind(params, held=True).params
     # (out, in/group, kh, kw) -> (kh, kw, in/group, out), 1x1 included; biases and

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import nincc
+from nincc import onednn
 from nincc.layout import kernel_layout, to_caffe, to_held
+
+pytestmark = pytest.mark.usefixtures("xla_kernels")  # oneDNN's kernels hold nothing
 
 NET = """
 input: "data" input_shape { dim: 2 dim: 3 dim: 9 dim: 9 }
@@ -56,3 +60,12 @@ def test_held_is_kh_kw_in_out_and_converts_back():
     assert held["conv"][1] is b and held["ip"][0] is tree["ip"][0]
     back = to_caffe(held, layout)
     np.testing.assert_array_equal(back["conv"][0], w)
+
+
+def test_nothing_held_where_onednn_runs_the_convolutions(tmp_path, monkeypatch):
+    if not onednn.available():
+        pytest.skip("oneDNN is not installed")
+    monkeypatch.delenv(onednn.OPT_OUT)
+    path = tmp_path / "net.prototxt"
+    path.write_text(NET)
+    assert kernel_layout(nincc.load_graph(path), pointwise=True) == {}

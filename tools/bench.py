@@ -273,7 +273,8 @@ def rel_err(got, ref) -> float:
 
 def lowering(kind: str) -> bool | tuple[str, ...]:
     """``run_graph``'s ``fast`` argument for a lowering kind: the layer table's lowerings
-    ("plain"), nincc.fast's ("fast"), or the fast lowerings of some types ("fast=Pooling,LRN")."""
+    ("plain"), nincc.fast's ("fast"; "xla": the same on XLA's convolution kernels), or the fast
+    lowerings of some types ("fast=Pooling,LRN")."""
     if kind == "plain":
         return False
     if "=" in kind:
@@ -281,10 +282,31 @@ def lowering(kind: str) -> bool | tuple[str, ...]:
     return True
 
 
+@contextlib.contextmanager
+def kernels(kind: str):
+    """While tracing a candidate: "xla" turns nincc.onednn off (NINCC_ONEDNN=0)."""
+    from nincc import onednn
+
+    if kind != "xla":
+        yield
+        return
+    old = os.environ.get(onednn.OPT_OUT)
+    os.environ[onednn.OPT_OUT] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[onednn.OPT_OUT]
+        else:
+            os.environ[onednn.OPT_OUT] = old
+
+
 def _check_kind(kind: str) -> str:
-    if kind in ("fast", "plain") or kind.startswith("fast="):
+    if kind in ("fast", "plain", "xla") or kind.startswith("fast="):
         return kind
-    raise argparse.ArgumentTypeError(f"unknown lowering {kind!r}: fast, plain or fast=Type,...")
+    raise argparse.ArgumentTypeError(
+        f"unknown lowering {kind!r}: fast, xla, plain or fast=Type,..."
+    )
 
 
 def impl_name(kind: str) -> str:
@@ -355,7 +377,8 @@ class NinccTrain:
 
         stacked = {k: jnp.stack([v]) for k, v in self.feeds[0].items()}
         keys = jax.random.split(jax.random.PRNGKey(0), 1)
-        lowered = self.trainer._step.lower(self.params, self.opt, stacked, keys)
+        with kernels(self.kind):
+            lowered = self.trainer._step.lower(self.params, self.opt, stacked, keys)
         return _memory_analysis(lowered.compile())
 
 
@@ -621,7 +644,8 @@ def build(impl: str, graph, params, inputs, mode: str):
     if impl.startswith("torch-"):
         return TorchRunner(graph, params, inputs, impl[len("torch-") :], mode == "train")
     kind = "fast" if impl == "nincc" else impl[len("nincc-") :]
-    return (NinccInfer if mode == "infer" else NinccTrain)(graph, params, inputs, kind)
+    with kernels(kind):
+        return (NinccInfer if mode == "infer" else NinccTrain)(graph, params, inputs, kind)
 
 
 class Checker:
@@ -646,7 +670,8 @@ class Checker:
                 loss, grads = torch_loss_and_grads(self.graph, self.params, self.inputs)
             else:
                 kind = "fast" if row.impl == "nincc" else row.impl[len("nincc-") :]
-                loss, grads = nincc_loss_and_grads(self.graph, self.params, self.inputs, kind)
+                with kernels(kind):
+                    loss, grads = nincc_loss_and_grads(self.graph, self.params, self.inputs, kind)
             row.max_rel_err = rel_err(loss, self.loss)
             row.max_grad_err = max(rel_err(grads[k], self.grads[k]) for k in self.grads)
         if row.max_rel_err > self.tol:
@@ -660,10 +685,12 @@ class Checker:
 
 def run_case(spec: NetSpec, batch: int, mode: str, args, ceiling: float) -> list[Row]:
     """Build, verify and time (interleaved) every candidate of one (net, batch, mode)."""
+    from nincc import onednn
+
     graph, params, inputs = load_case(spec, batch, mode)
     flops = graph_flops(graph) * (3 if mode == "train" else 1)
     checker = Checker(graph, params, inputs, mode, args.tolerance, args.grad_tolerance)
-    impls = [impl_name(k) for k in args.nincc]
+    impls = [impl_name(k) for k in args.nincc if k != "xla" or onednn.enabled()]
     if torch_available() and not args.no_torch:
         impls += [f"torch-{v}" for v in args.torch]
     rows = {impl: Row(spec.name, batch, mode, impl) for impl in impls}
@@ -847,7 +874,7 @@ def environment() -> dict[str, Any]:
     import jax
     import numpy as np
 
-    from nincc import fftconv
+    from nincc import fftconv, onednn
     from nincc.hugepages import describe
 
     env = {
@@ -865,6 +892,8 @@ def environment() -> dict[str, Any]:
         # whether the train step may run its 5x5 layers through the FFT (NINCC_FFT; section 26)
         "simd": _simd(),
         "fft": "on" if fftconv.enabled() else "off",
+        # oneDNN's convolutions (nincc.onednn; section 27): its version, or off
+        "onednn": onednn.version() if onednn.enabled() else "off",
     }
     if torch_available():
         import torch
@@ -914,9 +943,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--nincc",
         nargs="+",
         type=_check_kind,
-        default=["fast", "plain"],
-        help="nincc lowerings: fast (nincc.fast's), plain (the layer table's), "
-        "fast=Type,Type (only those types' fast lowerings)",
+        default=["fast", "xla", "plain"],
+        help="nincc lowerings: fast (nincc.fast's), xla (the same on XLA's convolution "
+        "kernels: NINCC_ONEDNN=0; left out where oneDNN is not installed), plain (the layer "
+        "table's), fast=Type,Type (only those types' fast lowerings)",
     )
     ap.add_argument("--torch", nargs="+", choices=TORCH_VARIANTS, default=list(TORCH_VARIANTS))
     ap.add_argument("--no-torch", action="store_true")
@@ -981,7 +1011,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# {env['date']}  {env['cpu']} x{env['cores']}  python {env['python']}  "
         f"jax {env['jax']}  torch {env.get('torch', '-')}  XLA_FLAGS={env['XLA_FLAGS']!r}  "
-        f"malloc: {env['malloc']}  simd: {env['simd']}  FFT: {env['fft']}"
+        f"malloc: {env['malloc']}  simd: {env['simd']}  FFT: {env['fft']}  "
+        f"oneDNN: {env['onednn']}"
     )
     print(
         f"# fp32 ceiling {ceiling:.0f} GFLOP/s, the best of: products {args.ceiling_n}^3 and a "
