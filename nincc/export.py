@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import onednn
 from .errors import GraphError, InputError, ShapeError, WeightsError
 from .ir import Graph
 from .lowered import check_lowerable, forward_fn, load_graph_at, output_blobs, random_inputs
@@ -150,6 +151,7 @@ def _check_samples_independent(
             )
 
 
+@onednn.disabled()  # the artefact runs without nincc: XLA's kernels, not its FFI handlers
 def export_net(
     source: Any,
     params: Mapping[str, Sequence[Any]] | None = None,

@@ -324,7 +324,11 @@ def _conv_nhwc(a: ConvAttrs, params, bottoms, ctx, relu: float | None = None):
     outs = []
     for x in bottoms:
         g = _geometry(a, nchw_shape(x.shape))
-        if uses_onednn(x.dtype, w.dtype, x.shape) and math.prod(w.shape) > 0:
+        if (
+            uses_onednn(x.dtype, w.dtype, x.shape)
+            and math.prod(w.shape) > 0
+            and not onednn.per_device(x)
+        ):
             x, padding = _caffe_windows(g, x)
             b = params[1] if a.bias_term else None
             outs.append(onednn.conv(x, w, b, g.stride, padding, g.dilation, a.group, relu))

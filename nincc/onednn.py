@@ -25,6 +25,7 @@ import sys
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from functools import cache, lru_cache, partial
 from typing import Any
@@ -127,11 +128,25 @@ def version() -> str | None:
     return ".".join(str(x) for x in v)
 
 
+_off: ContextVar[bool] = ContextVar("nincc_onednn_off", default=False)
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """XLA's kernels while tracing inside this block: for programs that must not name this
+    process's FFI handlers (``jax.export`` artefacts run elsewhere)."""
+    token = _off.set(True)
+    try:
+        yield
+    finally:
+        _off.reset(token)
+
+
 def enabled(environ: Mapping[str, str] | None = None, backend: str | None = None) -> bool:
     """Whether convolutions go through oneDNN: on the CPU backend, with the library
-    present, unless ``NINCC_ONEDNN`` is 0 (or false, no, off)."""
+    present, unless ``NINCC_ONEDNN`` is 0 (or false, no, off) or inside :func:`disabled`."""
     env = os.environ if environ is None else environ
-    if switched_off(OPT_OUT, env):
+    if switched_off(OPT_OUT, env) or _off.get():
         return False
     return (backend or jax.default_backend()) == "cpu" and available()
 
@@ -655,7 +670,7 @@ def forward(spec: ConvSpec, x: Any, w: Any, b: Any | None) -> Any:
     y = jax.ShapeDtypeStruct((spec.n, oh, ow, spec.o), jnp.float32)
     name = _target(_name(spec, "fwd"), partial(_run_forward, p))
     args = (x, w) if b is None else (x, w, b)
-    return jax.ffi.ffi_call(name, [y, *_scratch(p.forward)])(*args)[0]
+    return jax.ffi.ffi_call(name, [y, *_scratch(p.forward)], vmap_method="sequential")(*args)[0]
 
 
 def backward(spec: ConvSpec, x: Any, w: Any, dy: Any) -> tuple[Any, Any, Any | None]:
@@ -665,14 +680,18 @@ def backward(spec: ConvSpec, x: Any, w: Any, dy: Any) -> tuple[Any, Any, Any | N
     bd, bw = p.backward_data, p.backward_weights
     dx_type = jax.ShapeDtypeStruct(x.shape, jnp.float32)
     dx = jax.ffi.ffi_call(
-        _target(_name(spec, "bwd_data"), partial(_run_backward_data, p)), [dx_type, *_scratch(bd)]
+        _target(_name(spec, "bwd_data"), partial(_run_backward_data, p)),
+        [dx_type, *_scratch(bd)],
+        vmap_method="sequential",
     )(dy, w)[0]
     outs = [jax.ShapeDtypeStruct(w.shape, jnp.float32)]
     if spec.bias:
         outs.append(jax.ShapeDtypeStruct((spec.o,), jnp.float32))
     outs += _scratch(bw)
     res = jax.ffi.ffi_call(
-        _target(_name(spec, "bwd_weights"), partial(_run_backward_weights, p)), outs
+        _target(_name(spec, "bwd_weights"), partial(_run_backward_weights, p)),
+        outs,
+        vmap_method="sequential",
     )(x, dy)
     return dx, res[0], (res[1] if spec.bias else None)
 
@@ -703,6 +722,15 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 def supports(x_dtype: Any, w_dtype: Any) -> bool:
     """oneDNN runs the float32 convolutions; other dtypes keep XLA's."""
     return np.dtype(x_dtype) == np.float32 and np.dtype(w_dtype) == np.float32
+
+
+def per_device(x: Any) -> bool:
+    """Whether ``x`` is traced inside a shard_map (its mesh has manual axes). The custom
+    calls' results carry no per-device type, so convolutions inside a data-parallel step
+    keep XLA's kernels."""
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    manual = getattr(jax.sharding, "AxisType", None)
+    return manual is not None and manual.Manual in tuple(getattr(mesh, "axis_types", ()))
 
 
 def conv(

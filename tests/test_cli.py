@@ -203,10 +203,13 @@ def test_upgrade_v1_writes_current_format(capsys, tmp_path):
 
 
 def test_inspect_names_each_layers_lowering(monkeypatch):
-    """The lowering column: the FFT only in a TRAIN net at a batch the rule takes, and not with
-    NINCC_FFT=0; the layer table's lowering where no fast one applies."""
+    """The lowering column, on XLA's kernels: the FFT only in a TRAIN net at a batch the rule
+    takes, and not with NINCC_FFT=0; the layer table's lowering where no fast one applies.
+    With oneDNN, every convolution says so, in both phases."""
     import nincc
-    from nincc import report
+    from nincc import onednn, report
+
+    monkeypatch.setenv(onednn.OPT_OUT, "0")
 
     def lowerings(phase, batch):
         shapes = {"data": (batch, 3, 32, 32)}
@@ -224,3 +227,9 @@ def test_inspect_names_each_layers_lowering(monkeypatch):
     assert lowerings("TEST", 64)["conv2"] == "fast"  # inference keeps the direct convolution
     monkeypatch.setenv("NINCC_FFT", "0")
     assert lowerings("TRAIN", 64)["conv2"] == "fast"
+    if onednn.available():
+        monkeypatch.delenv(onednn.OPT_OUT)
+        for phase in ("TRAIN", "TEST"):
+            rows = lowerings(phase, 64)
+            assert rows["conv2"] == rows["cccp1"] == "fast, oneDNN"
+            assert rows["pool1"] == "fast"

@@ -97,6 +97,7 @@ def bound_case(tmp_path_factory):
 @pytest.mark.parametrize("held", [True, False])
 def test_bound_net_equals_the_net_on_caffe_layout_params(conv_kernels, bound_case, held):
     net, params, inputs = bound_case
+    net = nincc.compile(net.graph)  # built on this test's kernels
     bound = net.bind(params, held=held)
     full = net.apply(params, inputs)
     blobs, _, loss = bound.run(inputs, loss=True)
@@ -115,6 +116,7 @@ def test_bound_net_equals_the_net_on_caffe_layout_params(conv_kernels, bound_cas
 def test_bound_net_holds_conv_weights_as_the_kernels_read_them(xla_kernels, bound_case):
     """XLA's kernels read (kh, kw, in, out); oneDNN's read Caffe's layout (nothing held)."""
     net, params, _ = bound_case
+    net = nincc.compile(net.graph)
     held = net.bind(params, held=True).params
     # (out, in/group, kh, kw) -> (kh, kw, in/group, out), 1x1 included; biases and
     # InnerProduct weights as they were

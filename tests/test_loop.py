@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import nincc
-from nincc import caffe_pb2
+from nincc import caffe_pb2, onednn
 from nincc.caffemodel import load_params, save_params
 from nincc.errors import DataError, InputError, NinccError, SolverError
 from nincc.loop import TRAIN_COMMANDS, Solver, add_train_parsers, resolve_solver
@@ -299,8 +299,9 @@ def test_resume_from_caffe_snapshot_reproduces_caffe(case, state, tmp_path, monk
     src, work, m, solver = _resume_case(case, state, tmp_path, monkeypatch)
     tol = m["tolerances"]
     assert solver.iter == 6
-    # The step holds the 3x3 weights (kh, kw, in, out): restore, params and snapshot convert.
-    assert solver.trainer.layout
+    # On XLA's kernels the step holds the 3x3 weights (kh, kw, in, out), and restore, params
+    # and snapshot convert; oneDNN's read Caffe's layout (nincc.layout).
+    assert bool(solver.trainer.layout) != onednn.enabled()
     with np.load(work / "resume_trajectory.npz") as z:
         ref = {k: z[k] for k in z.files}
     for k in range(7, 13):
@@ -661,13 +662,17 @@ def test_time_marks_the_layers_the_fast_lowerings_run(tmp_path, capsys, referenc
     extra = ["--reference-lowerings"] if reference else []
     assert cli("time", tmp_path / "small.prototxt", "--iterations", "1", *extra) == 0
     msgs = [x.strip() for x in _messages(capsys.readouterr().err)]
-    tagged = {m.split("\t")[0] for m in msgs if m.endswith("[fast]")}
+    tagged = {m.split("\t")[0] for m in msgs if re.search(r"\[fast(, oneDNN)?\]$", m)}
     assert tagged == (set() if reference else {"conv", "cccp", "pool"})
-    assert any(re.fullmatch(rf"conv\tbackward: {NUM} ms\.( \[fast\])?", x) for x in msgs)
+    if not reference and onednn.enabled():  # the convolutions name their kernels
+        assert {m.split("\t")[0] for m in msgs if m.endswith("[fast, oneDNN]")} == {"conv", "cccp"}
+    assert any(
+        re.fullmatch(rf"conv\tbackward: {NUM} ms\.( \[fast(, oneDNN)?\])?", x) for x in msgs
+    )
     assert any(re.fullmatch(rf"ip\tforward: {NUM} ms\.", x) for x in msgs)
 
 
-def test_time_marks_a_backward_through_the_fft(tmp_path, capsys):
+def test_time_marks_a_backward_through_the_fft(tmp_path, capsys, xla_kernels):
     """A 5x5 convolution at the FFT's batch floor: its backward line says so."""
     from nincc import fftconv
 
