@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from functools import cache, lru_cache, partial
+from functools import cache, cached_property, lru_cache, partial
 from typing import Any
 
 import jax
@@ -359,64 +359,45 @@ class ConvPrimitives:
             self._fwd_hint = self._fwd_pd(_FORWARD_TRAINING, None)
         return self._fwd_hint
 
-    @property
+    def _primitive(self, pd: _vp, query: int, to_user: bool = False) -> _Primitive:
+        """The primitive of ``pd`` with the reorder between Caffe's weight layout and the
+        one it reads (``to_user``: writes) -- none where they agree."""
+        wmd, user = _query_md(pd, query), self.d["w_user"]
+        reorder = None
+        if not _same_layout(wmd, user):
+            reorder = _reorder(wmd, user) if to_user else _reorder(user, wmd)
+        return _Primitive(pd, {"w_md": wmd, "reorder": reorder})
+
+    def _backward_pd(self, create: Any, descs: tuple, what: str) -> _vp:
+        pd = _vp()
+        geometry = self.spec.geometry()
+        _check(
+            create(C.byref(pd), _engine(), _CONVOLUTION_DIRECT, *descs, *geometry, self.hint(),
+                   _user_attr()),
+            what,
+        )
+        return pd
+
+    @cached_property
     def forward(self) -> _Primitive:
-        if not hasattr(self, "_forward"):
-            pd = self._fwd_pd(_FORWARD_INFERENCE, _user_attr(self.spec.relu))
-            wmd = _query_md(pd, _QUERY_WEIGHTS_MD)
-            d = self.d
-            reorder = None if _same_layout(wmd, d["w_user"]) else _reorder(d["w_user"], wmd)
-            self._forward = _Primitive(pd, {"w_md": wmd, "reorder": reorder})
-        return self._forward
+        pd = self._fwd_pd(_FORWARD_INFERENCE, _user_attr(self.spec.relu))
+        return self._primitive(pd, _QUERY_WEIGHTS_MD)
 
-    @property
+    @cached_property
     def backward_data(self) -> _Primitive:
-        if not hasattr(self, "_backward_data"):
-            d, lib = self.d, _lib()
-            pd = _vp()
-            _check(
-                lib.dnnl_convolution_backward_data_primitive_desc_create(
-                    C.byref(pd),
-                    _engine(),
-                    _CONVOLUTION_DIRECT,
-                    d["src"],
-                    d["w_any"],
-                    d["dst"],
-                    *self.spec.geometry(),
-                    self.hint(),
-                    _user_attr(),
-                ),
-                "convolution backward data",
-            )
-            wmd = _query_md(pd, _QUERY_WEIGHTS_MD)
-            reorder = None if _same_layout(wmd, d["w_user"]) else _reorder(d["w_user"], wmd)
-            self._backward_data = _Primitive(pd, {"w_md": wmd, "reorder": reorder})
-        return self._backward_data
+        d = self.d
+        create = _lib().dnnl_convolution_backward_data_primitive_desc_create
+        descs = (d["src"], d["w_any"], d["dst"])
+        pd = self._backward_pd(create, descs, "convolution backward data")
+        return self._primitive(pd, _QUERY_WEIGHTS_MD)
 
-    @property
+    @cached_property
     def backward_weights(self) -> _Primitive:
-        if not hasattr(self, "_backward_weights"):
-            d, lib = self.d, _lib()
-            pd = _vp()
-            _check(
-                lib.dnnl_convolution_backward_weights_primitive_desc_create(
-                    C.byref(pd),
-                    _engine(),
-                    _CONVOLUTION_DIRECT,
-                    d["src"],
-                    d["w_any"],
-                    d["bias"],
-                    d["dst"],
-                    *self.spec.geometry(),
-                    self.hint(),
-                    _user_attr(),
-                ),
-                "convolution backward weights",
-            )
-            wmd = _query_md(pd, _QUERY_DIFF_WEIGHTS_MD)
-            reorder = None if _same_layout(wmd, d["w_user"]) else _reorder(wmd, d["w_user"])
-            self._backward_weights = _Primitive(pd, {"w_md": wmd, "reorder": reorder})
-        return self._backward_weights
+        d = self.d
+        create = _lib().dnnl_convolution_backward_weights_primitive_desc_create
+        descs = (d["src"], d["w_any"], d["bias"], d["dst"])
+        pd = self._backward_pd(create, descs, "convolution backward weights")
+        return self._primitive(pd, _QUERY_DIFF_WEIGHTS_MD, to_user=True)
 
 
 def _memory(md: Any, ptr: int) -> _vp:
@@ -504,86 +485,53 @@ def _run_backward_weights(p: ConvPrimitives, ins: list[int], outs: list[int]) ->
 # ---------------------------------------------------------------- the XLA FFI side
 
 
-class _ExtBase(C.Structure):
-    _fields_ = [("struct_size", C.c_size_t), ("type", C.c_int), ("next", _vp)]
+def _struct(name: str, *fields: tuple[str, Any], head: bool = True) -> type:
+    """A ctypes mirror of one struct of XLA's FFI C API (xla/ffi/api/c_api.h); most begin
+    with ``struct_size`` and ``extension_start``."""
+    base = [("struct_size", C.c_size_t), ("extension_start", _vp)] if head else []
+    return type(name, (C.Structure,), {"_fields_": base + list(fields)})
 
 
-class _ApiVersion(C.Structure):
-    _fields_ = [
-        ("struct_size", C.c_size_t),
-        ("extension_start", _vp),
-        ("major", C.c_int),
-        ("minor", C.c_int),
-    ]
-
-
-class _Metadata(C.Structure):
-    _fields_ = [
-        ("struct_size", C.c_size_t),
-        ("api_version", _ApiVersion),
-        ("traits", C.c_uint32),
-        ("state_type_id", C.c_int64),
-    ]
-
-
-class _MetadataExtension(C.Structure):
-    _fields_ = [("base", _ExtBase), ("metadata", C.POINTER(_Metadata))]
-
-
-class _Buffer(C.Structure):
-    _fields_ = [
-        ("struct_size", C.c_size_t),
-        ("extension_start", _vp),
-        ("dtype", C.c_int),
-        ("data", _vp),
-        ("rank", C.c_int64),
-        ("dims", C.POINTER(C.c_int64)),
-    ]
-
-
-class _Buffers(C.Structure):  # XLA_FFI_Args and XLA_FFI_Rets share this layout
-    _fields_ = [
-        ("struct_size", C.c_size_t),
-        ("extension_start", _vp),
-        ("size", C.c_int64),
-        ("types", _vp),
-        ("items", C.POINTER(C.POINTER(_Buffer))),
-    ]
-
-
-class _Attrs(C.Structure):
-    _fields_ = [
-        ("struct_size", C.c_size_t),
-        ("extension_start", _vp),
-        ("size", C.c_int64),
-        ("types", _vp),
-        ("names", _vp),
-        ("attrs", _vp),
-    ]
-
-
-class _CallFrame(C.Structure):
-    _fields_ = [
-        ("struct_size", C.c_size_t),
-        ("extension_start", C.POINTER(_ExtBase)),
-        ("api", _vp),
-        ("ctx", _vp),
-        ("stage", C.c_int),
-        ("args", _Buffers),
-        ("rets", _Buffers),
-        ("attrs", _Attrs),
-        ("future", _vp),
-    ]
-
-
-class _ErrorCreateArgs(C.Structure):
-    _fields_ = [
-        ("struct_size", C.c_size_t),
-        ("extension_start", _vp),
-        ("message", C.c_char_p),
-        ("errc", C.c_int),
-    ]
-
+_ExtBase = _struct("_ExtBase", ("struct_size", C.c_size_t), ("type", C.c_int), ("next", _vp),
+                   head=False)
+_ApiVersion = _struct("_ApiVersion", ("major", C.c_int), ("minor", C.c_int))
+_Metadata = _struct(
+    "_Metadata",
+    ("struct_size", C.c_size_t),
+    ("api_version", _ApiVersion),
+    ("traits", C.c_uint32),
+    ("state_type_id", C.c_int64),
+    head=False,
+)
+_MetadataExtension = _struct(
+    "_MetadataExtension", ("base", _ExtBase), ("metadata", C.POINTER(_Metadata)), head=False
+)
+_Buffer = _struct(
+    "_Buffer",
+    ("dtype", C.c_int),
+    ("data", _vp),
+    ("rank", C.c_int64),
+    ("dims", C.POINTER(C.c_int64)),
+)
+# XLA_FFI_Args and XLA_FFI_Rets share this layout
+_Buffers = _struct(
+    "_Buffers", ("size", C.c_int64), ("types", _vp), ("items", C.POINTER(C.POINTER(_Buffer)))
+)
+_Attrs = _struct("_Attrs", ("size", C.c_int64), ("types", _vp), ("names", _vp), ("attrs", _vp))
+_CallFrame = _struct(
+    "_CallFrame",
+    ("struct_size", C.c_size_t),
+    ("extension_start", C.POINTER(_ExtBase)),
+    ("api", _vp),
+    ("ctx", _vp),
+    ("stage", C.c_int),
+    ("args", _Buffers),
+    ("rets", _Buffers),
+    ("attrs", _Attrs),
+    ("future", _vp),
+    head=False,
+)
+_ErrorCreateArgs = _struct("_ErrorCreateArgs", ("message", C.c_char_p), ("errc", C.c_int))
 
 _ERROR_CREATE = C.CFUNCTYPE(_vp, C.POINTER(_ErrorCreateArgs))
 _API_ERROR_CREATE = 6  # XLA_FFI_Api: size, extension, version (3 words), internal API, then it
