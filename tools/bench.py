@@ -862,6 +862,7 @@ def report(paths: list[str]) -> int:
         print(
             f"<!-- {path}: {env['date']}, XLA_FLAGS={env['XLA_FLAGS']!r}, malloc: "
             f"{env.get('malloc', '-')}, simd {env.get('simd', '-')}, FFT {env.get('fft', '-')}, "
+            f"oneDNN {env.get('onednn', '-')}, "
             "ceiling "
             f"{format_ceilings(ceil)} -->"
         )
