@@ -1,6 +1,6 @@
 """Convolutions through oneDNN, called in place from jitted code as XLA FFI custom calls.
 
-XLA:CPU's own convolution kernels run the zoo's layers 1.2-2.9x slower than oneDNN's, the
+XLA:CPU's own convolution kernels run the zoo's layers up to 2.9x slower than oneDNN's, the
 kernels PyTorch uses (docs/performance.md section 27). This module reaches oneDNN without a
 compiled extension: ``libdnnl`` (the ``onednn`` extra, oneDNN 3.x's C API, whose enums are
 ABI-stable across 3.x) is loaded with ctypes, and each convolution geometry gets an FFI
@@ -288,11 +288,9 @@ class ConvSpec:
 
 
 class _Primitive:
-    """A oneDNN primitive with the weight reorder around it and its scratch sizes.
-
-    Runs on raw pointers: ``run(ptrs)`` maps oneDNN argument ids to the buffers XLA
-    passes; ``scratch`` holds the extra byte buffers the call's outputs provide.
-    """
+    """A created oneDNN primitive, its implementation's name, its scratchpad's descriptor
+    and size, and (``w_md``, ``reorder``) the weight layout it reads or writes and the
+    reorder between that and Caffe's (None where they agree)."""
 
     def __init__(self, pd: _vp, extra: dict[str, Any]) -> None:
         lib = _lib()
