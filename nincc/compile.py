@@ -17,7 +17,7 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from . import layers as table
 from .errors import InputError, NinccError
-from .fast import after, conv_relu_nhwc, lowering_for, to_nchw, to_nhwc
+from .fast import after, conv_relu_nhwc, lowering_for, to_nchw, to_nhwc, uses_onednn
 from .ir import Graph
 from .layers.base import LowerCtx
 from .layout import Layout, kernel_layout, to_caffe, to_held
@@ -132,8 +132,6 @@ def relu_fusions(
     convolution's only top, which nothing else reads, taps or returns: so the value before
     the ReLU is never needed (run_graph still defines it; XLA drops it unused).
     """
-    from .fast import uses_onednn
-
     readers: dict[str, list] = {}
     for layer in graph.layers:
         for vid in layer.bottoms:
@@ -143,9 +141,10 @@ def relu_fusions(
         if conv.type != "Convolution" or len(conv.bottoms) != 1 or len(conv.tops) != 1:
             continue
         top = conv.tops[0]
-        relu = readers.get(top, [None])
-        relu = relu[0] if len(relu) == 1 else None
-        if relu is None or relu.type != "ReLU" or relu.bottoms != (top,) or len(relu.tops) != 1:
+        if len(readers.get(top, ())) != 1:
+            continue
+        relu = readers[top][0]
+        if relu.type != "ReLU" or relu.bottoms != (top,) or len(relu.tops) != 1:
             continue
         if graph.value(relu.tops[0]).blob != graph.value(top).blob or not all(relu.propagate_down):
             continue

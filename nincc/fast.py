@@ -331,7 +331,13 @@ def _conv_nhwc(a: ConvAttrs, params, bottoms, ctx, relu: float | None = None):
         ):
             x, padding = _caffe_windows(g, x)
             b = params[1] if a.bias_term else None
-            outs.append(onednn.conv(x, w, b, g.stride, padding, g.dilation, a.group, relu))
+            if relu is None:
+                outs.append(onednn.conv(x, w, b, g.stride, padding, g.dilation, a.group))
+            else:
+                spec = onednn.spec_of(
+                    x.shape, w.shape, a.bias_term, g.stride, padding, g.dilation, a.group, relu
+                )
+                outs.append(_onednn_conv_relu(spec, x, w, onednn.bias_arg(spec, b)))
             continue
         if g.kernel == (1, 1) and g.pad == (0, 0) and a.group == 1:
             if g.stride != (1, 1):  # Caffe's (in - 1) / s + 1 outputs: every s-th pixel
@@ -671,6 +677,28 @@ def _relu_bwd(slope, packed, dy):
 _relu.defvjp(_relu_fwd, _relu_bwd)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _onednn_conv_relu(spec: onednn.ConvSpec, x: Any, w: Any, b: Any) -> Any:
+    """A oneDNN convolution with the ReLU after it as the primitive's post-op (spec.relu:
+    its slope); differentiated as the two layers are: the ReLU's backward from its bit mask,
+    then the convolution's."""
+    return onednn.forward(spec, x, w, b if spec.bias else None)
+
+
+def _onednn_conv_relu_fwd(spec, x, w, b):
+    y = _onednn_conv_relu(spec, x, w, b)
+    return y, (x, w, _pack_bits(y > 0))
+
+
+def _onednn_conv_relu_bwd(spec, res, dy):
+    x, w, packed = res
+    (dy,) = _relu_bwd(spec.relu, packed, dy)
+    return onednn.cotangents(spec, x, w, dy)
+
+
+_onednn_conv_relu.defvjp(_onednn_conv_relu_fwd, _onednn_conv_relu_bwd)
+
+
 def _relu_applies(a: Any, bottom_shapes: list[Shape]) -> bool:
     return _all_4d(a, bottom_shapes) and a.negative_slope >= 0
 
@@ -744,10 +772,8 @@ def forward_note(type_name: str, attrs: Any, bottom_shapes: Sequence[Sequence[in
 def backward_note(type_name: str, attrs: Any, bottom_shapes: Sequence[Sequence[int]]) -> str:
     """How this layer's fast lowering runs when differentiated ("" for XLA's kernels): "oneDNN"
     or the FFT path (its tiles); for `nincc time` and `nincc inspect`."""
-    if type_name != "Convolution" or lowering_for(type_name, attrs, bottom_shapes) is None:
-        return ""
     note = forward_note(type_name, attrs, bottom_shapes)
-    if note:
+    if note or type_name != "Convolution" or lowering_for(type_name, attrs, bottom_shapes) is None:
         return note
     notes = set()
     for shape in bottom_shapes:

@@ -23,7 +23,7 @@ import ctypes.util
 import os
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -292,15 +292,14 @@ class _Primitive:
     and size, and (``w_md``, ``reorder``) the weight layout it reads or writes and the
     reorder between that and Caffe's (None where they agree)."""
 
-    def __init__(self, pd: _vp, extra: dict[str, Any]) -> None:
-        lib = _lib()
+    def __init__(self, pd: _vp, w_md: _vp, reorder: _vp | None) -> None:
         self.pd = pd
         self.impl = _impl(pd)
         self.prim = _vp()
-        _check(lib.dnnl_primitive_create(C.byref(self.prim), pd), "primitive creation")
+        _check(_lib().dnnl_primitive_create(C.byref(self.prim), pd), "primitive creation")
         self.scratchpad_md = _query_md(pd, _QUERY_SCRATCHPAD_MD)
         self.scratchpad_bytes = _md_size(self.scratchpad_md)
-        self.__dict__.update(extra)
+        self.w_md, self.reorder = w_md, reorder
 
 
 def _reorder(src_md: Any, dst_md: Any) -> _vp:
@@ -321,16 +320,12 @@ def _same_layout(a: Any, b: Any) -> bool:
 
 
 class ConvPrimitives:
-    """The forward, backward-data and backward-weights primitives of one ConvSpec.
-
-    Each direction exposes ``outputs``: (shape, dtype) of what its custom call returns,
-    the real result first, then its byte scratch buffers.
-    """
+    """The forward, backward-data and backward-weights primitives of one ConvSpec, each
+    created when first asked for (at trace time, so a call never creates one)."""
 
     def __init__(self, spec: ConvSpec) -> None:
         self.spec = spec
         self.d = spec.descs()
-        self._fwd_hint: _vp | None = None
 
     def _fwd_pd(self, prop: int, attr: _vp | None) -> _vp:
         d, lib = self.d, _lib()
@@ -352,10 +347,10 @@ class ConvPrimitives:
         )
         return pd
 
+    @cached_property
     def hint(self) -> _vp:
-        if self._fwd_hint is None:
-            self._fwd_hint = self._fwd_pd(_FORWARD_TRAINING, None)
-        return self._fwd_hint
+        """The training forward's descriptor, which oneDNN's backward descriptors take."""
+        return self._fwd_pd(_FORWARD_TRAINING, None)
 
     def _primitive(self, pd: _vp, query: int, to_user: bool = False) -> _Primitive:
         """The primitive of ``pd`` with the reorder between Caffe's weight layout and the
@@ -364,13 +359,13 @@ class ConvPrimitives:
         reorder = None
         if not _same_layout(wmd, user):
             reorder = _reorder(wmd, user) if to_user else _reorder(user, wmd)
-        return _Primitive(pd, {"w_md": wmd, "reorder": reorder})
+        return _Primitive(pd, wmd, reorder)
 
     def _backward_pd(self, create: Any, descs: tuple, what: str) -> _vp:
         pd = _vp()
         geometry = self.spec.geometry()
         _check(
-            create(C.byref(pd), _engine(), _CONVOLUTION_DIRECT, *descs, *geometry, self.hint(),
+            create(C.byref(pd), _engine(), _CONVOLUTION_DIRECT, *descs, *geometry, self.hint,
                    _user_attr()),
             what,
         )
@@ -423,13 +418,19 @@ def _execute(prim: _vp, args: dict[int, tuple[Any, int]]) -> None:
 # ---------------------------------------------------------------- running the three directions
 
 
+def _weights_in(p: ConvPrimitives, prim: _Primitive, w: int, outs: list[int]) -> int:
+    """Caffe-layout weights ``w`` as ``prim`` reads them: reordered into the call's third
+    output where the layouts differ (see :func:`_scratch`)."""
+    if prim.reorder is None:
+        return w
+    _execute(prim.reorder, {_ARG_FROM: (p.d["w_user"], w), _ARG_TO: (prim.w_md, outs[2])})
+    return outs[2]
+
+
 def _run_forward(p: ConvPrimitives, ins: list[int], outs: list[int]) -> None:
     prim, d = p.forward, p.d
-    x, w = ins[0], ins[1]
-    y, scratch, wbuf = outs[0], outs[1], outs[2] if len(outs) > 2 else None
-    if prim.reorder is not None:
-        _execute(prim.reorder, {_ARG_FROM: (d["w_user"], w), _ARG_TO: (prim.w_md, wbuf)})
-        w = wbuf
+    x, w = ins[0], _weights_in(p, prim, ins[1], outs)
+    y, scratch = outs[0], outs[1]
     args = {
         _ARG_SRC: (d["src"], x),
         _ARG_WEIGHTS: (prim.w_md, w),
@@ -443,11 +444,8 @@ def _run_forward(p: ConvPrimitives, ins: list[int], outs: list[int]) -> None:
 
 def _run_backward_data(p: ConvPrimitives, ins: list[int], outs: list[int]) -> None:
     prim, d = p.backward_data, p.d
-    dy, w = ins
-    dx, scratch, wbuf = outs[0], outs[1], outs[2] if len(outs) > 2 else None
-    if prim.reorder is not None:
-        _execute(prim.reorder, {_ARG_FROM: (d["w_user"], w), _ARG_TO: (prim.w_md, wbuf)})
-        w = wbuf
+    dy, w = ins[0], _weights_in(p, prim, ins[1], outs)
+    dx, scratch = outs[0], outs[1]
     _execute(
         prim.prim,
         {
@@ -535,6 +533,7 @@ _ERROR_CREATE = C.CFUNCTYPE(_vp, C.POINTER(_ErrorCreateArgs))
 _API_ERROR_CREATE = 6  # XLA_FFI_Api: size, extension, version (3 words), internal API, then it
 _ERRC_INTERNAL = 13
 _HANDLER = C.CFUNCTYPE(_vp, C.POINTER(_CallFrame))
+_new_capsule = C.PYFUNCTYPE(C.py_object, _vp, C.c_char_p, _vp)(("PyCapsule_New", C.pythonapi))
 _registered: dict[str, Any] = {}  # target name -> ctypes callback (kept alive)
 _register_lock = threading.Lock()
 
@@ -575,10 +574,7 @@ def _target(name: str, run: Any) -> str:
     with _register_lock:
         if name not in _registered:
             callback = _handler(run)
-            new_capsule = C.pythonapi.PyCapsule_New
-            new_capsule.restype = C.py_object
-            new_capsule.argtypes = [_vp, C.c_char_p, _vp]
-            capsule = new_capsule(C.cast(callback, _vp).value, None, None)
+            capsule = _new_capsule(C.cast(callback, _vp).value, None, None)
             jax.ffi.register_ffi_target(name, capsule, platform="cpu")
             _registered[name] = callback
     return name
@@ -642,24 +638,29 @@ def backward(spec: ConvSpec, x: Any, w: Any, dy: Any) -> tuple[Any, Any, Any | N
     return dx, res[0], (res[1] if spec.bias else None)
 
 
+def bias_arg(spec: ConvSpec, b: Any | None) -> Any:
+    """The bias operand of a custom VJP over (x, w, b): ``b``, or an empty array where the
+    convolution has no bias term."""
+    return b if spec.bias else jnp.zeros((0,), jnp.float32)
+
+
+def cotangents(spec: ConvSpec, x: Any, w: Any, dy: Any) -> tuple[Any, Any, Any]:
+    """(dx, dw, db) for a custom VJP over (x, w, :func:`bias_arg`)."""
+    dx, dw, db = backward(spec, x, w, dy)
+    return dx, dw, db if spec.bias else jnp.zeros((0,), jnp.float32)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _conv(spec: ConvSpec, x: Any, w: Any, b: Any) -> Any:
     return forward(spec, x, w, b if spec.bias else None)
 
 
 def _conv_fwd(spec, x, w, b):
-    y = forward(spec, x, w, b if spec.bias else None)
-    # The fused ReLU's gradient needs where y > 0: kept as one bit per element.
-    return y, (x, w, None if spec.relu is None else jnp.packbits(y > 0))
+    return _conv(spec, x, w, b), (x, w)
 
 
 def _conv_bwd(spec, res, dy):
-    x, w, mask = res
-    if mask is not None:
-        positive = jnp.unpackbits(mask, count=dy.size).reshape(dy.shape).astype(bool)
-        dy = jnp.where(positive, dy, dy * spec.relu)  # Caffe's ReLU backward
-    dx, dw, db = backward(spec, x, w, dy)
-    return dx, dw, (db if spec.bias else jnp.zeros((0,), jnp.float32))
+    return cotangents(spec, *res, dy)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -679,25 +680,23 @@ def per_device(x: Any) -> bool:
     return manual is not None and manual.Manual in tuple(getattr(mesh, "axis_types", ()))
 
 
-def conv(
-    x: Any,
-    w: Any,
-    b: Any | None,
+def spec_of(
+    x_shape: Sequence[int],
+    w_shape: Sequence[int],
+    bias: bool,
     stride: tuple[int, int],
     padding: tuple[tuple[int, int], tuple[int, int]],
     dilation: tuple[int, int] = (1, 1),
     group: int = 1,
     relu: float | None = None,
-) -> Any:
-    """The convolution of NHWC ``x`` with Caffe-layout ``w`` (o, c/group, kh, kw), plus
-    ``b`` if given, then a ReLU of negative slope ``relu`` if given (fused: one pass over
-    the output): y (n, oh, ow, o), differentiable in x, w and b."""
-    n, h, wd, c = x.shape
-    o, _, kh, kw = w.shape
-    spec = ConvSpec(
+) -> ConvSpec:
+    """The ConvSpec of NHWC ``x_shape`` and Caffe-layout ``w_shape`` (o, c/group, kh, kw)."""
+    n, h, w, c = x_shape
+    o, _, kh, kw = w_shape
+    return ConvSpec(
         n,
         h,
-        wd,
+        w,
         c,
         o,
         (kh, kw),
@@ -706,10 +705,25 @@ def conv(
         (padding[0][1], padding[1][1]),
         tuple(dilation),
         group,
-        b is not None,
+        bias,
         None if relu is None else float(relu),
     )
-    return _conv(spec, x, w, b if b is not None else jnp.zeros((0,), jnp.float32))
+
+
+def conv(
+    x: Any,
+    w: Any,
+    b: Any | None,
+    stride: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    dilation: tuple[int, int] = (1, 1),
+    group: int = 1,
+) -> Any:
+    """The convolution of NHWC ``x`` with Caffe-layout ``w`` (o, c/group, kh, kw), plus
+    ``b`` if given: y (n, oh, ow, o), differentiable in x, w and b. (A fused ReLU is
+    nincc.fast's, whose backward is the ReLU layer's.)"""
+    spec = spec_of(x.shape, w.shape, b is not None, stride, padding, dilation, group)
+    return _conv(spec, x, w, bias_arg(spec, b))
 
 
 def implementation(spec: ConvSpec, direction: str = "forward") -> str:

@@ -1,5 +1,5 @@
 """The ``NINCC_*`` environment switches that turn a default behaviour off (XLA flags, huge
-pages, FFT convolutions): one reading of what "off" means for all of them."""
+pages, FFT convolutions, oneDNN's kernels): one reading of what "off" means for all of them."""
 
 from __future__ import annotations
 

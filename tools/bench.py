@@ -282,23 +282,11 @@ def lowering(kind: str) -> bool | tuple[str, ...]:
     return True
 
 
-@contextlib.contextmanager
 def kernels(kind: str):
-    """While tracing a candidate: "xla" turns nincc.onednn off (NINCC_ONEDNN=0)."""
+    """While tracing a candidate: "xla" turns nincc.onednn off, as NINCC_ONEDNN=0 does."""
     from nincc import onednn
 
-    if kind != "xla":
-        yield
-        return
-    old = os.environ.get(onednn.OPT_OUT)
-    os.environ[onednn.OPT_OUT] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[onednn.OPT_OUT]
-        else:
-            os.environ[onednn.OPT_OUT] = old
+    return onednn.disabled() if kind == "xla" else contextlib.nullcontext()
 
 
 def _check_kind(kind: str) -> str:
