@@ -232,16 +232,17 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-# Commands that run a net many times re-execute once with huge pages (nincc.hugepages).
+# Commands that run a net many times re-execute once with malloc keeping freed memory
+# (nincc.malloc).
 _LONG_RUNNING = ("train", "test", "time")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if argv is None and args.command in _LONG_RUNNING:
-        from .hugepages import reexec_with_huge_pages
+        from .malloc import reexec_retaining
 
-        reexec_with_huge_pages()
+        reexec_retaining()
     args.argv = list(sys.argv[1:] if argv is None else argv)  # a supervised worker reruns it
     code = _run(args)
     from .parallel import exit_worker

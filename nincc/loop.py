@@ -1240,7 +1240,7 @@ def _train(
         fast=not args.reference_lowerings, parallel=dp, split_batch=args.split_batch,
     )
     try:
-        from .hugepages import describe
+        from .malloc import describe
 
         solver.log.info("malloc: %s.", describe())
         if args.seed is None and sp.random_seed < 0:
@@ -1286,7 +1286,7 @@ def cmd_time(args: argparse.Namespace) -> int:
 
 def _report_time(log: logging.Logger, net: Any, params: Any, args: argparse.Namespace) -> None:
     from .fast import backward_note, forward_note
-    from .hugepages import describe
+    from .malloc import describe
 
     log.info("*** Benchmark begins ***")
     log.info("malloc: %s.", describe())

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from nincc import fftconv
-from nincc.hugepages import describe
+from nincc.malloc import describe
 
 from .conftest import REPO, load_tool
 

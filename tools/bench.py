@@ -29,7 +29,9 @@ process per candidate where large allocations go straight back to the system
 (MALLOC_MMAP_THRESHOLD_), so both frameworks are measured alike;
 "goal" is the issue's speed goal for a nincc row: met when it runs at 1.2x the best PyTorch
 variant or at 85 % of the ceiling (the lower of the two bars), else the speed-up it still needs.
-"XLA temp MB" is XLA's own memory analysis of nincc's executable. PyTorch is optional
+"XLA temp MB" is XLA's own memory analysis of nincc's executable. ``--malloc retain`` runs the
+whole process (both frameworks) with the glibc tunables the ``nincc`` command sets for itself
+(nincc.malloc); the header's "malloc" says which setting a run had. PyTorch is optional
 (``pip install 'nincc[bench]'``); without it only nincc is timed.
 """
 
@@ -726,6 +728,7 @@ def child_peak_mb(net: str, batch: int, mode: str, impl: str, args) -> float | N
     if args.no_xla_flags:
         cmd.append("--no-xla-flags")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
+    env.pop("GLIBC_TUNABLES", None)  # --malloc retain's would keep the freed memory resident
     try:
         out = subprocess.run(
             cmd, env=env, capture_output=True, text=True, timeout=900, check=True
@@ -864,7 +867,7 @@ def environment() -> dict[str, Any]:
     import numpy as np
 
     from nincc import fftconv, onednn
-    from nincc.hugepages import describe
+    from nincc.malloc import describe
 
     env = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -950,6 +953,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=True,
         help="measure each candidate's peak memory in a child process",
     )
+    ap.add_argument(
+        "--malloc",
+        choices=("default", "retain"),
+        default="default",
+        help="retain: re-run this process with the glibc tunables the nincc command runs "
+        "with (nincc.malloc: freed memory kept for reuse); both frameworks run under them",
+    )
     ap.add_argument("--ceiling-n", type=int, default=4096)
     ap.add_argument(
         "--tolerance",
@@ -994,6 +1004,10 @@ def main(argv: list[str] | None = None) -> int:
         xla_flags.apply()
     if args.memory_child:
         return memory_child(args.memory_child)
+    if args.malloc == "retain":
+        from nincc.malloc import reexec_retaining
+
+        reexec_retaining()  # returns where the tunables are set already or cannot be
     env = environment()
     ceils = ceilings(args.ceiling_n, 3, torch_available() and not args.no_torch)
     ceiling = max(ceils.values())
