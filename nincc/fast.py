@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import fftconv, onednn
+from . import fftconv, onednn, onednn_pool
 from .layers import base
 from .layers.normalization import LRNAttrs
 from .layers.vision import (
@@ -538,7 +538,10 @@ _ave_pool.defvjp(_ave_pool_fwd, _ave_pool_bwd)
 def _pool_nhwc(a: PoolAttrs, params, bottoms, ctx):
     x = bottoms[0]
     g = _pool_geom_of(a, nchw_shape(x.shape))
-    return [_max_pool(x, g) if a.method == "MAX" else _ave_pool(x, g)]
+    if a.method == "MAX":
+        spec = None if onednn.per_device(x) else onednn_pool.usable(x.shape, g, x.dtype)
+        return [_max_pool(x, g) if spec is None else onednn_pool.max_pool(spec, x)]
+    return [_ave_pool(x, g)]
 
 
 # ---------------------------------------------------------------- LRN (across channels)
@@ -763,10 +766,17 @@ FAST_LOWERINGS: dict[str, FastLowering] = {
 
 def forward_note(type_name: str, attrs: Any, bottom_shapes: Sequence[Sequence[int]]) -> str:
     """Which kernels this layer's fast lowering calls, where not XLA's: "oneDNN" for a
-    convolution nincc.onednn runs ("" elsewhere)."""
-    if type_name != "Convolution" or lowering_for(type_name, attrs, bottom_shapes) is None:
+    convolution nincc.onednn runs or a MAX pooling nincc.onednn_pool runs ("" elsewhere)."""
+    if lowering_for(type_name, attrs, bottom_shapes) is None:
         return ""
-    return "oneDNN" if all(uses_onednn(shape=s) for s in bottom_shapes) else ""
+    if type_name == "Convolution":
+        runs = all(uses_onednn(shape=s) for s in bottom_shapes)
+    elif type_name == "Pooling":
+        s = tuple(bottom_shapes[0])
+        runs = onednn_pool.usable((s[0], s[2], s[3], s[1]), _pool_geom_of(attrs, s)) is not None
+    else:
+        runs = False
+    return "oneDNN" if runs else ""
 
 
 def backward_note(type_name: str, attrs: Any, bottom_shapes: Sequence[Sequence[int]]) -> str:

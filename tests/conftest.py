@@ -42,9 +42,9 @@ def manifest(name: str) -> dict:
 
 
 @pytest.fixture(params=["xla", "onednn"])
-def conv_kernels(request, monkeypatch):
-    """Run the test with each convolution backend of nincc.fast: XLA's kernels (NINCC_ONEDNN=0)
-    and oneDNN's (skipped where the library is not installed)."""
+def kernels(request, monkeypatch):
+    """Run the test with each kernel backend of nincc.fast's convolutions and MAX pooling:
+    XLA's (NINCC_ONEDNN=0) and oneDNN's (skipped where the library is not installed)."""
     from nincc import onednn
 
     if request.param == "onednn":

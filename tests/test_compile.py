@@ -95,7 +95,7 @@ def bound_case(tmp_path_factory):
 
 
 @pytest.mark.parametrize("held", [True, False])
-def test_bound_net_equals_the_net_on_caffe_layout_params(conv_kernels, bound_case, held):
+def test_bound_net_equals_the_net_on_caffe_layout_params(kernels, bound_case, held):
     net, params, inputs = bound_case
     net = nincc.compile(net.graph)  # built on this test's kernels
     bound = net.bind(params, held=held)

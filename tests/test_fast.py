@@ -105,7 +105,7 @@ POINTWISE = [
 
 
 @pytest.mark.parametrize("n,c,h,w,o,stride,group,bias", POINTWISE)
-def test_pointwise_convolution_matches_table(n, c, h, w, o, stride, group, bias, conv_kernels):
+def test_pointwise_convolution_matches_table(n, c, h, w, o, stride, group, bias, kernels):
     attrs = layer_attrs(
         "Convolution",
         f"convolution_param {{ num_output: {o} kernel_size: 1 stride: {stride} "
@@ -116,7 +116,7 @@ def test_pointwise_convolution_matches_table(n, c, h, w, o, stride, group, bias,
     compare("Convolution", attrs, params, [randn(rng, (n, c, h, w))])
 
 
-def test_pointwise_convolution_two_bottoms(conv_kernels):
+def test_pointwise_convolution_two_bottoms(kernels):
     attrs = layer_attrs("Convolution", "convolution_param { num_output: 8 kernel_size: 1 }", 2, 2)
     rng = np.random.default_rng(1)
     params = [randn(rng, (8, 6, 1, 1)), randn(rng, (8,))]
@@ -149,7 +149,7 @@ KXK = [
 
 
 @pytest.mark.parametrize("body,shape,o", KXK)
-def test_kxk_convolution_matches_table(body, shape, o, conv_kernels):
+def test_kxk_convolution_matches_table(body, shape, o, kernels):
     attrs = layer_attrs("Convolution", f"convolution_param {{ num_output: {o} {body} }}")
     g = fast._geometry(attrs, shape)
     rng = np.random.default_rng(sum(shape) + o)
@@ -219,13 +219,13 @@ def pool_attrs(method, kh, kw, sh, sw, ph, pw, tops=1):
 
 
 @pytest.mark.parametrize("method,kh,kw,sh,sw,ph,pw,h,w", POOLS)
-def test_pooling_matches_table(method, kh, kw, sh, sw, ph, pw, h, w):
+def test_pooling_matches_table(method, kh, kw, sh, sw, ph, pw, h, w, kernels):
     rng = np.random.default_rng(h * w + kh)
     compare("Pooling", pool_attrs(method, kh, kw, sh, sw, ph, pw), [], [randn(rng, (2, 3, h, w))])
 
 
 @pytest.mark.parametrize("kernel,stride,pad", [(3, 2, 0), (2, 2, 0), (3, 1, 1), (3, 2, 1)])
-def test_max_pooling_ties_go_to_the_first_maximum(kernel, stride, pad):
+def test_max_pooling_ties_go_to_the_first_maximum(kernel, stride, pad, kernels):
     """Small integers (and the zeros of a ReLU) make most windows hold several maxima."""
     rng = np.random.default_rng(kernel + stride)
     x = np.maximum(rng.integers(-2, 3, (2, 3, 9, 9)), 0).astype(np.float32)
@@ -233,7 +233,7 @@ def test_max_pooling_ties_go_to_the_first_maximum(kernel, stride, pad):
     compare("Pooling", attrs, [], [jnp.asarray(x)])
 
 
-def test_max_pooling_nan_and_infinities():
+def test_max_pooling_nan_and_infinities(kernels):
     """NaN never wins, -inf only against -inf: a window with nothing above -FLT_MAX yields
     -FLT_MAX and passes no gradient, as the table (Caffe) does."""
     x = np.random.default_rng(3).standard_normal((1, 2, 6, 6)).astype(np.float32)
@@ -309,7 +309,7 @@ def test_every_fast_lowering_names_a_table_type():
         assert fl.doc
 
 
-def test_whole_net_gradients_match_with_fast_lowerings(conv_kernels):
+def test_whole_net_gradients_match_with_fast_lowerings(kernels):
     """NIN CIFAR-10's train net (dropout off): loss and every weight gradient agree."""
     import dataclasses
 

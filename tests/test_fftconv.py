@@ -218,7 +218,8 @@ def test_fixture_case_through_the_fft(case, monkeypatch):
 def test_backward_note_names_the_fft(shape, note):
     attrs = layer_attrs("Convolution", "convolution_param { num_output: 6 kernel_size: 5 pad: 2 }")
     assert fast.backward_note("Convolution", attrs, [shape]) == note
-    assert fast.backward_note("Pooling", attrs, [shape]) == ""
+    pool = layer_attrs("Pooling", "pooling_param { pool: AVE kernel_size: 3 stride: 2 }")
+    assert fast.backward_note("Pooling", pool, [shape]) == ""  # the FFT is for convolutions
 
 
 @pytest.mark.parametrize(

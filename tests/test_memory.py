@@ -42,10 +42,10 @@ def compiled_step(fast: bool):
     params = net.init(0)
     trainer = Trainer(net, SolverConfig(type="SGD", base_lr=0.01, momentum=0.9))
     state = trainer.init(params)
-    feeds = {
-        "data": jnp.zeros((1, N, 8, HW, HW), jnp.float32),
-        "target": jnp.zeros((1, N, C, HW, HW), jnp.float32),
-    }
+    feeds = ({
+        "data": jnp.zeros((N, 8, HW, HW), jnp.float32),
+        "target": jnp.zeros((N, C, HW, HW), jnp.float32),
+    },)
     keys = jax.random.split(jax.random.PRNGKey(0), 1)
     return trainer._step.lower(params, state, feeds, keys).compile()
 

@@ -205,3 +205,76 @@ def test_conv_relu_fusion_picks_in_place_pairs_and_matches_the_table(tmp_path):
     for name in ref:
         for i, (g, r) in enumerate(zip(got[name], ref[name], strict=True)):
             assert_close(g, r, 1e-4, f"{name}[{i}]")
+
+
+# ---------------------------------------------------------------- MAX pooling (nincc.onednn_pool)
+
+
+def naive_max_pool(x, kernel, stride, pad, out, ct=None):
+    """Caffe's MAX pooling as a loop over windows (NHWC x): windows clipped to the input, the
+    first strictly greater value from -FLT_MAX wins; y, or with ``ct`` the input gradient."""
+    n, h, w, c = x.shape
+    y = np.full((n, *out, c), -np.finfo(np.float32).max, np.float64)
+    dx = np.zeros(x.shape, np.float64)
+    for oi in range(out[0]):
+        for oj in range(out[1]):
+            h0, w0 = oi * stride[0] - pad[0], oj * stride[1] - pad[1]
+            for b in range(n):
+                for ch in range(c):
+                    best, at = y[b, oi, oj, ch], None
+                    for i in range(max(h0, 0), min(h0 + kernel[0], h)):
+                        for j in range(max(w0, 0), min(w0 + kernel[1], w)):
+                            if x[b, i, j, ch] > best:
+                                best, at = x[b, i, j, ch], (i, j)
+                    y[b, oi, oj, ch] = best
+                    if ct is not None and at is not None:
+                        dx[b, at[0], at[1], ch] += ct[b, oi, oj, ch]
+    return y if ct is None else dx
+
+
+# kernel, stride, pad, h, w: the zoo's 3x3/2 (ceil overhang and exact), GoogLeNet's 3x3/1 pad
+# 1, a rectangular padded one, Caffe's clipped last window, stride > kernel
+POOL_CASES = [
+    ((3, 3), (2, 2), (0, 0), 8, 8),
+    ((3, 3), (2, 2), (0, 0), 9, 9),
+    ((3, 3), (1, 1), (1, 1), 6, 6),
+    ((3, 2), (2, 3), (1, 1), 9, 8),
+    ((5, 5), (3, 3), (2, 2), 10, 10),
+    ((2, 2), (3, 3), (0, 0), 8, 8),
+]
+
+
+@pytest.mark.parametrize("kernel,stride,pad,h,w", POOL_CASES)
+def test_max_pooling_equals_caffes_loop(kernel, stride, pad, h, w):
+    from nincc import onednn_pool
+    from nincc.layers.vision import _pool_geom
+
+    rng = np.random.default_rng(h * w + kernel[0])
+    # small integers after a ReLU: most windows hold several maxima (ties go to the first)
+    x = np.maximum(rng.integers(-2, 3, (2, h, w, 5)), 0).astype(np.float32)
+    x[0, :3, :3, 0] = -np.inf  # a window with no winner: -FLT_MAX and no gradient
+    g = _pool_geom("MAX", kernel, stride, pad, True, (h, w))
+    spec = onednn_pool.usable(x.shape, g)
+    assert spec is not None
+    y = jax.jit(lambda a: onednn_pool.max_pool(spec, a))(x)
+    np.testing.assert_array_equal(np.asarray(y), naive_max_pool(x, kernel, stride, pad, g.out))
+    ct = rng.standard_normal(y.shape).astype(np.float32)
+    dx = jax.jit(jax.grad(lambda a: jnp.sum(onednn_pool.max_pool(spec, a) * ct)))(x)
+    ref = naive_max_pool(x, kernel, stride, pad, g.out, ct)
+    np.testing.assert_allclose(np.asarray(dx), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_max_pooling_runs_on_onednn_where_it_can(monkeypatch):
+    from nincc import onednn_pool
+    from nincc.layers.vision import _pool_geom
+
+    g = _pool_geom("MAX", (3, 3), (2, 2), (0, 0), True, (27, 27))
+    assert onednn_pool.usable((2, 27, 27, 8), g) is not None
+    assert onednn_pool.usable((2, 27, 27, 8), g, np.float64) is None
+    ave = _pool_geom("AVE", (3, 3), (2, 2), (0, 0), True, (27, 27))
+    assert onednn_pool.usable((2, 27, 27, 8), ave) is None
+    attrs = layer_attrs("Pooling", "pooling_param { pool: MAX kernel_size: 3 stride: 2 }")
+    assert fast.forward_note("Pooling", attrs, [(2, 8, 27, 27)]) == "oneDNN"
+    monkeypatch.setenv(onednn.OPT_OUT, "0")
+    assert onednn_pool.usable((2, 27, 27, 8), g) is None
+    assert fast.forward_note("Pooling", attrs, [(2, 8, 27, 27)]) == ""

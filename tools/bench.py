@@ -363,12 +363,10 @@ class NinccTrain:
 
     def xla_memory(self) -> dict[str, int]:
         import jax
-        import jax.numpy as jnp
 
-        stacked = {k: jnp.stack([v]) for k, v in self.feeds[0].items()}
         keys = jax.random.split(jax.random.PRNGKey(0), 1)
         with kernels(self.kind):
-            lowered = self.trainer._step.lower(self.params, self.opt, stacked, keys)
+            lowered = self.trainer._step.lower(self.params, self.opt, tuple(self.feeds), keys)
         return _memory_analysis(lowered.compile())
 
 

@@ -1,0 +1,232 @@
+"""Caffe's MAX pooling on oneDNN's kernels inside the compiled function.
+
+The same plumbing as nincc.onednn's convolutions (XLA FFI custom calls on XLA's own buffers,
+channels-last, CPU backend only, ``NINCC_ONEDNN=0`` turns it off). Pooling is memory-bound
+and cheap in FLOPs, but XLA's lowering of its backward (each window offset's share folded
+back onto the input grid, nincc.fast) took 5-11 ms per layer of a NIN ImageNet b16 step;
+oneDNN's forward and backward take 0.2-0.8 ms (docs/performance.md, section 28).
+
+Caffe's rule is kept exactly: windows are clipped to the input (padding never wins), the scan
+is row-major from -FLT_MAX and only a strictly greater value replaces the maximum, so the first
+maximum of a window wins and receives its gradient. oneDNN's max pooling does the same, and its
+training forward records the winner of each window in a workspace that the backward reads.
+A window with nothing above -FLT_MAX (all -inf or NaN) has no winner: its output is -FLT_MAX
+in both, and oneDNN would pass its gradient to the window's first element, so the backward
+zeroes those windows' gradients first, as nincc's other lowerings do (Caffe 1.0's index there
+is -1, an out-of-bounds write).
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+from dataclasses import dataclass
+from functools import cache, cached_property, partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import onednn
+from .layers.vision import PoolGeom
+from .onednn import _DIMS, _FORWARD_INFERENCE, _FORWARD_TRAINING, _TAG_NHWC, _vp
+
+_POOLING_MAX = 0x1FF
+_QUERY_WORKSPACE_MD = 135
+_ARG_WORKSPACE = 64
+_FLT_MAX = float(np.finfo(np.float32).max)
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """One MAX pooling's geometry: NHWC input (n, h, w, c), window, stride, padding low and
+    high (high as oneDNN needs it to end on Caffe's last window), NHWC output (n, *out, c)."""
+
+    n: int
+    h: int
+    w: int
+    c: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    pad_low: tuple[int, int]
+    pad_high: tuple[int, int]
+    out: tuple[int, int]
+
+    def descs(self) -> tuple[_vp, _vp]:
+        """oneDNN memory descriptors of the input and the output (logical NCHW, stored NHWC)."""
+        src = onednn._md((self.n, self.c, self.h, self.w), _TAG_NHWC)
+        dst = onednn._md((self.n, self.c, *self.out), _TAG_NHWC)
+        return src, dst
+
+    def geometry(self) -> tuple[_DIMS, ...]:
+        """strides, kernel, dilation (none), padding low, padding high."""
+        return (
+            _DIMS(*self.stride),
+            _DIMS(*self.kernel),
+            _DIMS(0, 0),
+            _DIMS(*self.pad_low),
+            _DIMS(*self.pad_high),
+        )
+
+
+def spec_of(x_shape: tuple[int, ...], g: PoolGeom) -> PoolSpec | None:
+    """The PoolSpec of NHWC ``x_shape`` under Caffe's pooling ``g``, or None where oneDNN's
+    output-size rule cannot give Caffe's size (a floor-mode last window that stops short)."""
+    n, h, w, c = (int(d) for d in x_shape)
+    highs = []
+    for i, o, p, k, s in zip((h, w), g.out, g.pad, g.kernel, g.stride, strict=True):
+        hi = max(0, (o - 1) * s + k - i - p)
+        if (i + p + hi - k) // s + 1 != o:
+            return None
+        highs.append(hi)
+    return PoolSpec(n, h, w, c, g.kernel, g.stride, g.pad, (highs[0], highs[1]), g.out)
+
+
+class PoolPrimitives:
+    """The inference forward, training forward (with the workspace) and backward of one
+    PoolSpec, each created when first asked for (at trace time)."""
+
+    def __init__(self, spec: PoolSpec) -> None:
+        self.spec = spec
+        self.src, self.dst = spec.descs()
+
+    def _forward_pd(self, prop: int) -> _vp:
+        pd = _vp()
+        onednn._check(
+            onednn._lib().dnnl_pooling_forward_primitive_desc_create(
+                C.byref(pd), onednn._engine(), prop, _POOLING_MAX, self.src, self.dst,
+                *self.spec.geometry(), onednn._user_attr(),
+            ),
+            "max pooling forward",
+        )
+        return pd
+
+    @cached_property
+    def forward(self) -> onednn._Primitive:
+        return onednn._Primitive(self._forward_pd(_FORWARD_INFERENCE), None, None)
+
+    @cached_property
+    def training(self) -> onednn._Primitive:
+        return onednn._Primitive(self._forward_pd(_FORWARD_TRAINING), None, None)
+
+    @cached_property
+    def workspace_md(self) -> _vp:
+        return onednn._query_md(self.training.pd, _QUERY_WORKSPACE_MD)
+
+    @cached_property
+    def backward(self) -> onednn._Primitive:
+        pd = _vp()
+        onednn._check(
+            onednn._lib().dnnl_pooling_backward_primitive_desc_create(
+                C.byref(pd), onednn._engine(), _POOLING_MAX, self.src, self.dst,
+                *self.spec.geometry(), self.training.pd, onednn._user_attr(),
+            ),
+            "max pooling backward",
+        )
+        return onednn._Primitive(pd, None, None)
+
+
+@cache
+def primitives(spec: PoolSpec) -> PoolPrimitives:
+    """The (cached) primitives of one geometry."""
+    return PoolPrimitives(spec)
+
+
+def _run_forward(p: PoolPrimitives, ins: list[int], outs: list[int]) -> None:
+    prim = p.forward
+    onednn._execute(prim.prim, {
+        onednn._ARG_SRC: (p.src, ins[0]),
+        onednn._ARG_DST: (p.dst, outs[0]),
+        onednn._ARG_SCRATCHPAD: (prim.scratchpad_md, outs[1]),
+    })
+
+
+def _run_training(p: PoolPrimitives, ins: list[int], outs: list[int]) -> None:
+    prim = p.training
+    onednn._execute(prim.prim, {
+        onednn._ARG_SRC: (p.src, ins[0]),
+        onednn._ARG_DST: (p.dst, outs[0]),
+        _ARG_WORKSPACE: (p.workspace_md, outs[1]),
+        onednn._ARG_SCRATCHPAD: (prim.scratchpad_md, outs[2]),
+    })
+
+
+def _run_backward(p: PoolPrimitives, ins: list[int], outs: list[int]) -> None:
+    prim = p.backward
+    onednn._execute(prim.prim, {
+        onednn._ARG_DIFF_DST: (p.dst, ins[0]),
+        _ARG_WORKSPACE: (p.workspace_md, ins[1]),
+        onednn._ARG_DIFF_SRC: (p.src, outs[0]),
+        onednn._ARG_SCRATCHPAD: (prim.scratchpad_md, outs[1]),
+    })
+
+
+def _name(spec: PoolSpec, direction: str) -> str:
+    fields = [spec.n, spec.h, spec.w, spec.c, *spec.kernel, *spec.stride, *spec.pad_low,
+              *spec.pad_high]
+    return f"nincc_onednn_maxpool_{direction}_" + "_".join(map(str, fields))
+
+
+def _call(spec: PoolSpec, direction: str, run: Any, outs: list, *args: Any) -> list:
+    target = onednn._target(_name(spec, direction), partial(run, primitives(spec)))
+    return jax.ffi.ffi_call(target, outs, vmap_method="sequential")(*args)
+
+
+def _y_type(spec: PoolSpec) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((spec.n, *spec.out, spec.c), jnp.float32)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _max_pool(spec: PoolSpec, x: Any) -> Any:
+    p = primitives(spec)
+    outs = [_y_type(spec), onednn._bytes(p.forward.scratchpad_bytes)]
+    return _call(spec, "fwd", _run_forward, outs, x)[0]
+
+
+def _max_pool_fwd(spec, x):
+    p = primitives(spec)
+    outs = [
+        _y_type(spec),
+        onednn._bytes(onednn._md_size(p.workspace_md)),
+        onednn._bytes(p.training.scratchpad_bytes),
+    ]
+    y, ws, _ = _call(spec, "train", _run_training, outs, x)
+    return y, (y, ws)
+
+
+def _max_pool_bwd(spec, res, dy):
+    y, ws = res
+    dy = jnp.where(y > -_FLT_MAX, dy, jnp.zeros((), dy.dtype))  # windows without a winner
+    p = primitives(spec)
+    outs = [
+        jax.ShapeDtypeStruct((spec.n, spec.h, spec.w, spec.c), jnp.float32),
+        onednn._bytes(p.backward.scratchpad_bytes),
+    ]
+    return (_call(spec, "bwd", _run_backward, outs, dy, ws)[0],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def usable(x_shape: tuple[int, ...], g: PoolGeom, dtype: Any = np.float32) -> PoolSpec | None:
+    """The PoolSpec to run this MAX pooling on oneDNN with, or None to keep XLA's lowering:
+    oneDNN off or missing (nincc.onednn.enabled), not float32, an empty input, a geometry
+    oneDNN cannot express, or primitives it will not create."""
+    if g.method != "MAX" or np.dtype(dtype) != np.float32 or not all(d > 0 for d in x_shape):
+        return None
+    if not onednn.enabled():
+        return None
+    spec = spec_of(tuple(x_shape), g)
+    if spec is None:
+        return None
+    try:
+        p = primitives(spec)
+        _ = (p.forward, p.backward)  # created now, so that no call fails to create one
+    except onednn.OneDNNError:
+        return None
+    return spec
+
+
+def max_pool(spec: PoolSpec, x: Any) -> Any:
+    """Caffe's MAX pooling of NHWC ``x`` (float32) as ``spec`` describes, differentiable."""
+    return _max_pool(spec, x)
