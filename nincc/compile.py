@@ -64,7 +64,7 @@ def channels_last_lowering(layer, ctx: LowerCtx, fast: Fast = True):
     """The channels-last lowering run_graph runs ``layer`` with (bottoms and tops (N, H, W, C)),
     or None where it runs a lowering on Caffe-layout blobs."""
     lower = _fast_lowering(layer, ctx.bottom_shapes, fast)
-    if lower is None or not all(len(s) == 4 for s in ctx.top_shapes):
+    if lower is None or lower.nchw or not all(len(s) == 4 for s in ctx.top_shapes):
         return None
     return lower.nhwc
 

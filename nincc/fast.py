@@ -44,8 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import fftconv, onednn, onednn_pool
+from . import fftconv, onednn, onednn_matmul, onednn_pool
 from .layers import base
+from .layers.common import InnerProductAttrs, _ip_axis
 from .layers.normalization import LRNAttrs
 from .layers.vision import (
     FLT_MAX,
@@ -82,14 +83,18 @@ class FastLowering:
     """A channels-last lowering with a table entry's ``lower`` signature, and where it applies.
 
     ``applies(attrs, bottom_shapes)`` sees Caffe's (NCHW) shapes, and holds only when every
-    bottom and top is 4-D. Calling the object runs the layer on NCHW blobs.
+    bottom and top is 4-D. Calling the object runs the layer on NCHW blobs. With ``nchw`` the
+    lowering takes and returns Caffe's layout, as the table's does (any number of axes).
     """
 
     nhwc: Lower
     applies: Callable[[Any, list[Shape]], bool]
     doc: str = ""
+    nchw: bool = False
 
     def __call__(self, attrs: Any, params: list[Any], bottoms: list[Any], ctx: Any) -> list[Any]:
+        if self.nchw:
+            return self.nhwc(attrs, params, bottoms, ctx)
         tops = self.nhwc(attrs, params, [to_nhwc(b) for b in bottoms], ctx)
         return [to_nchw(t) for t in tops]
 
@@ -544,6 +549,25 @@ def _pool_nhwc(a: PoolAttrs, params, bottoms, ctx):
     return [_ave_pool(x, g)]
 
 
+# ---------------------------------------------------------------- InnerProduct
+
+
+def _ip_on_onednn(a: InnerProductAttrs, bottom_shapes: list[Shape]) -> bool:
+    """One non-empty bottom, with oneDNN's matmul there to run it (nincc.onednn_matmul)."""
+    return len(bottom_shapes) == 1 and min(bottom_shapes[0], default=0) > 0 and onednn.enabled()
+
+
+def _ip(a: InnerProductAttrs, params, bottoms, ctx):
+    x = bottoms[0]
+    b = params[1] if a.bias_term else None
+    if not onednn_matmul.supports(x, *params):
+        return base.REGISTRY["InnerProduct"].lower(a, params, bottoms, ctx)
+    axis = _ip_axis(a, x.shape)
+    m, k = math.prod(x.shape[:axis]), math.prod(x.shape[axis:])
+    y = onednn_matmul.inner_product(x.reshape(m, k), params[0], b, a.transpose)
+    return [y.reshape(tuple(x.shape[:axis]) + (a.num_output,))]
+
+
 # ---------------------------------------------------------------- LRN (across channels)
 
 
@@ -749,6 +773,9 @@ FAST_LOWERINGS: dict[str, FastLowering] = {
         _is_windowed_pool,
         "MAX and AVE pooling: gradients folded back phase by phase, no scatter",
     ),
+    "InnerProduct": FastLowering(
+        _ip, _ip_on_onednn, "oneDNN's matmul on Caffe's weights as they are stored", nchw=True
+    ),
     "ReLU": FastLowering(
         _relu_nhwc, _relu_applies, "element-wise, any layout; the backward reads the top"
     ),
@@ -766,11 +793,14 @@ FAST_LOWERINGS: dict[str, FastLowering] = {
 
 def forward_note(type_name: str, attrs: Any, bottom_shapes: Sequence[Sequence[int]]) -> str:
     """Which kernels this layer's fast lowering calls, where not XLA's: "oneDNN" for a
-    convolution nincc.onednn runs or a MAX pooling nincc.onednn_pool runs ("" elsewhere)."""
+    convolution, MAX pooling or InnerProduct oneDNN runs (nincc.onednn, onednn_pool,
+    onednn_matmul; "" elsewhere)."""
     if lowering_for(type_name, attrs, bottom_shapes) is None:
         return ""
     if type_name == "Convolution":
         runs = all(uses_onednn(shape=s) for s in bottom_shapes)
+    elif type_name == "InnerProduct":
+        runs = True  # the lowering applies only where oneDNN runs it
     elif type_name == "Pooling":
         s = tuple(bottom_shapes[0])
         runs = onednn_pool.usable((s[0], s[2], s[3], s[1]), _pool_geom_of(attrs, s)) is not None

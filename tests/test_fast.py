@@ -587,13 +587,17 @@ def _zoo_and_corpus_layers():
 
 @pytest.mark.parametrize("layer,shapes", _zoo_and_corpus_layers())
 def test_fast_lowering_matches_table_on_zoo_and_corpus_shapes(layer, shapes, monkeypatch):
-    """Convolutions both on XLA's kernels and, where installed, oneDNN's."""
+    """Convolutions and MAX pooling both on XLA's kernels and, where installed, oneDNN's;
+    InnerProduct's fast lowering is oneDNN's alone."""
     from nincc import onednn
 
     rng = np.random.default_rng(len(layer.name))
     params = [randn(rng, p.shape, 0.1) for p in layer.params]
     bottoms = [randn(rng, s) for s in shapes]
-    kernels = ["0"] + (["1"] if layer.type == "Convolution" and onednn.available() else [])
+    both = layer.type in ("Convolution", "Pooling")
+    kernels = (["0"] if layer.type != "InnerProduct" else []) + (
+        ["1"] if (both or layer.type == "InnerProduct") and onednn.available() else []
+    )
     for switch in kernels:
         monkeypatch.setenv(onednn.OPT_OUT, switch)
         compare(layer.type, layer.attrs, params, bottoms)

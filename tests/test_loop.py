@@ -560,9 +560,10 @@ def test_time_command_runs(tiny, capsys):
     assert cli("time", "tiny.prototxt", "--iterations", "2") == 0
     msgs = [x.strip() for x in _messages(capsys.readouterr().err)]
     assert msgs[0] == "*** Benchmark begins ***" and msgs[-1] == "*** Benchmark ends ***"
+    tag = r"( \[fast, oneDNN\])?"  # InnerProduct on oneDNN's matmul, where installed
     for layer in ("data", "ip1", "relu1", "drop1", "ip2", "loss"):
-        assert any(re.fullmatch(rf"{layer}\tforward: {NUM} ms\.", x) for x in msgs), layer
-    assert any(re.fullmatch(rf"ip1\tbackward: {NUM} ms\.", x) for x in msgs)
+        assert any(re.fullmatch(rf"{layer}\tforward: {NUM} ms\.{tag}", x) for x in msgs), layer
+    assert any(re.fullmatch(rf"ip1\tbackward: {NUM} ms\.{tag}", x) for x in msgs)
     assert any(re.fullmatch(rf"Median Forward-Backward: {NUM} ms\.", x) for x in msgs)
 
 
@@ -657,20 +658,23 @@ layer { name: "ip" type: "InnerProduct" bottom: "pool" top: "ip"
 @pytest.mark.parametrize("reference", [False, True])
 def test_time_marks_the_layers_the_fast_lowerings_run(tmp_path, capsys, reference):
     """Per-layer times come from the lowering the train step uses: the convolutions and the
-    pooling run nincc.fast's, the InnerProduct the table's; none with the reference."""
+    pooling run nincc.fast's, the InnerProduct too where oneDNN runs it, else the table's;
+    none with the reference."""
     (tmp_path / "small.prototxt").write_text(SMALL_CONV)
     extra = ["--reference-lowerings"] if reference else []
     assert cli("time", tmp_path / "small.prototxt", "--iterations", "1", *extra) == 0
     msgs = [x.strip() for x in _messages(capsys.readouterr().err)]
     tagged = {m.split("\t")[0] for m in msgs if re.search(r"\[fast(, oneDNN)?\]$", m)}
-    assert tagged == (set() if reference else {"conv", "cccp", "pool"})
-    if not reference and onednn.enabled():  # the convolutions and MAX pooling name their kernels
+    with_onednn = not reference and onednn.enabled()
+    fast_layers = {"conv", "cccp", "pool"} | ({"ip"} if with_onednn else set())
+    assert tagged == (set() if reference else fast_layers)
+    if with_onednn:  # the layers oneDNN runs name their kernels
         on_onednn = {m.split("\t")[0] for m in msgs if m.endswith("[fast, oneDNN]")}
-        assert on_onednn == {"conv", "cccp", "pool"}
+        assert on_onednn == fast_layers
     assert any(
         re.fullmatch(rf"conv\tbackward: {NUM} ms\.( \[fast(, oneDNN)?\])?", x) for x in msgs
     )
-    assert any(re.fullmatch(rf"ip\tforward: {NUM} ms\.", x) for x in msgs)
+    assert any(re.fullmatch(rf"ip\tforward: {NUM} ms\.( \[fast, oneDNN\])?", x) for x in msgs)
 
 
 def test_time_marks_a_backward_through_the_fft(tmp_path, capsys, xla_kernels):

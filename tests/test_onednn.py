@@ -278,3 +278,62 @@ def test_max_pooling_runs_on_onednn_where_it_can(monkeypatch):
     monkeypatch.setenv(onednn.OPT_OUT, "0")
     assert onednn_pool.usable((2, 27, 27, 8), g) is None
     assert fast.forward_note("Pooling", attrs, [(2, 8, 27, 27)]) == ""
+
+
+# -------------------------------------------------------------- InnerProduct (onednn_matmul)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_inner_product_equals_float64_products(transpose, bias):
+    from nincc import onednn_matmul
+
+    rng = np.random.default_rng(int(transpose) * 2 + int(bias))
+    m, k, n = 6, 37, 11
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n) if transpose else (n, k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32) if bias else None
+    wkn = np.asarray(w if transpose else w.T, np.float64)  # as (k, n)
+    y = jax.jit(lambda x, w, b: onednn_matmul.inner_product(x, w, b, transpose))(x, w, b)
+    ref = x.astype(np.float64) @ wkn + (0 if b is None else b)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+    ct = rng.standard_normal((m, n))
+
+    def loss(x, w, b):
+        return jnp.sum(onednn_matmul.inner_product(x, w, b, transpose) * ct)
+
+    dx, dw, db = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w, b)
+    dwkn = x.T.astype(np.float64) @ ct
+    np.testing.assert_allclose(np.asarray(dx), ct @ wkn.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), dwkn if transpose else dwkn.T, rtol=1e-5,
+                               atol=1e-5)
+    if bias:
+        np.testing.assert_allclose(np.asarray(db), ct.sum(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "body,shape",
+    [
+        ("num_output: 9", (4, 8, 3, 3)),  # NIN-ZFNet's fc6: the pooled maps flattened
+        ("num_output: 5 axis: 2", (2, 3, 4, 6)),  # a product per (n, c)
+        ("num_output: 7 transpose: true", (3, 10)),
+        ("num_output: 4 bias_term: false", (5, 6)),
+    ],
+)
+def test_inner_product_matches_the_table(body, shape):
+    from nincc.layers.base import REGISTRY
+
+    from .test_fast import compare
+
+    attrs = layer_attrs("InnerProduct", f"inner_product_param {{ {body} }}")
+    rng = np.random.default_rng(len(body))
+    specs = REGISTRY["InnerProduct"].blobs(attrs, [shape])
+    params = [jnp.asarray(rng.standard_normal(s.shape), jnp.float32) for s in specs]
+    assert fast.forward_note("InnerProduct", attrs, [shape]) == "oneDNN"
+    compare("InnerProduct", attrs, params, [jnp.asarray(rng.standard_normal(shape), jnp.float32)])
+
+
+def test_inner_product_keeps_the_table_without_onednn(monkeypatch):
+    attrs = layer_attrs("InnerProduct", "inner_product_param { num_output: 3 }")
+    monkeypatch.setenv(onednn.OPT_OUT, "0")
+    assert fast.lowering_for("InnerProduct", attrs, [(2, 5)]) is None
