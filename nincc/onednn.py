@@ -143,7 +143,8 @@ def disabled() -> Iterator[None]:
 
 
 def enabled(environ: Mapping[str, str] | None = None, backend: str | None = None) -> bool:
-    """Whether convolutions go through oneDNN: on the CPU backend, with the library
+    """Whether convolutions (and MAX pooling and InnerProduct: nincc.onednn_pool,
+    nincc.onednn_matmul) go through oneDNN: on the CPU backend, with the library
     present, unless ``NINCC_ONEDNN`` is 0 (or false, no, off) or inside :func:`disabled`."""
     env = os.environ if environ is None else environ
     if switched_off(OPT_OUT, env) or _off.get():
@@ -563,7 +564,7 @@ def _handler(run: Any) -> Any:
             outs = [frame.rets.items[i].contents.data for i in range(frame.rets.size)]
             run(ins, outs)
         except Exception as e:  # reported by XLA as the computation's error
-            return _error(frame, f"nincc oneDNN convolution: {e}")
+            return _error(frame, f"nincc oneDNN call: {e}")
         return None
 
     return _HANDLER(handle)
