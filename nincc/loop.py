@@ -1085,8 +1085,9 @@ def time_net(
     layout) the train step uses, on the inputs the whole forward gives it. A layer's backward
     is the vector-Jacobian product for a ones top diff, with respect to its blobs and to the
     bottoms Caffe's backward gives a diff (:func:`diff_values`; not a Data layer's tops), as
-    ``caffe time`` runs it. XLA fuses across layers in the whole net, so the per-layer sum
-    differs from the whole-net time.
+    ``caffe time`` runs it: timed alone, from the residuals a forward already saved. XLA
+    fuses across layers in the whole net, so the per-layer sum differs from the whole-net
+    time.
     """
     from .compile import (
         channels_last_lowering,
@@ -1145,7 +1146,7 @@ def time_net(
             ]
             if entry.backward and (lparams or wrt):
 
-                def back(lp, bs, f, k, run=run, wrt=wrt):
+                def forward(lp, bs, f, k, run=run, wrt=wrt):
                     def fn(p_, diffed):
                         full = list(bs)
                         for i, b in zip(wrt, diffed):
@@ -1153,9 +1154,14 @@ def time_net(
                         return run(p_, full, f, k)
 
                     tops, vjp = jax.vjp(fn, lp, [bs[i] for i in wrt])
-                    return vjp([jnp.ones_like(t) for t in tops])
+                    return vjp, [jnp.ones_like(t) for t in tops]
 
-                b_ms = _median_ms(jax.jit(back), (lparams, bottoms, feeds, key), iterations)
+                # The pullback (a pytree of the forward's residuals) and the top diffs are
+                # arguments: the timed function is the backward alone, and XLA cannot fold
+                # the ones top diff into a constant (a pooling's backward then took half a
+                # minute to compile).
+                pullback, diffs = jax.jit(forward)(lparams, bottoms, feeds, key)
+                b_ms = _median_ms(jax.jit(lambda vjp, d: vjp(d)), (pullback, diffs), iterations)
             layers.append((layer.name, f_ms, b_ms, kind))
     return Timing(forward_ms, fb_ms, layers)
 

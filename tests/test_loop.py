@@ -791,3 +791,32 @@ layer { name: "join" type: "Eltwise" bottom: "relu1" bottom: "relu1" top: "join"
     assert {forced.value(v).producer for v in diff_values(forced)} == {
         layer.name for layer in forced.layers
     }
+
+
+def test_time_times_a_layers_backward_alone(tmp_path, monkeypatch):
+    """The per-layer backward runs from the residuals the forward saved: its program holds
+    InnerProduct's two backward products and not the forward's (nor a constant top diff)."""
+    import jax
+
+    from nincc import loop
+
+    (tmp_path / "net.prototxt").write_text(INPUT_NET)
+    net = nincc.compile(nincc.load_graph(tmp_path / "net.prototxt", phase="TRAIN"), fast=False)
+    timed = []
+
+    def record(fn, args, iterations):
+        timed.append((fn, args))
+        return 1.0
+
+    monkeypatch.setattr(loop, "_median_ms", record)
+    t = loop.time_net(net, net.init(0), iterations=1)
+    names = [name for name, *_ in t.layers]
+    # forward, forward+backward, then per layer: forward, and backward where it has one
+    per_layer = timed[2:]
+    ip2 = names.index("ip2")
+    index = sum(1 + (t.layers[i][2] is not None) for i in range(ip2))
+    fwd, bwd = per_layer[index], per_layer[index + 1]
+    assert str(jax.make_jaxpr(fwd[0])(*fwd[1])).count("dot_general") == 1
+    program = str(jax.make_jaxpr(bwd[0])(*bwd[1]))
+    assert program.count("dot_general") == 2  # dx and dW
+    assert "broadcast_in_dim" not in program  # the ones top diff is an argument
