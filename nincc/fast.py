@@ -334,8 +334,11 @@ def _conv_nhwc(a: ConvAttrs, params, bottoms, ctx, relu: float | None = None):
             and math.prod(w.shape) > 0
             and not onednn.per_device(x)
         ):
-            x, padding = _caffe_windows(g, x)
             b = params[1] if a.bias_term else None
+            if pointwise_on_matmul(g, a.group, x.shape, w.shape):
+                outs.append(_onednn_pointwise(relu, x, w, onednn_matmul.bias_arg(b)))
+                continue
+            x, padding = _caffe_windows(g, x)
             if relu is None:
                 outs.append(onednn.conv(x, w, b, g.stride, padding, g.dilation, a.group))
             else:
@@ -702,6 +705,56 @@ def _relu_bwd(slope, packed, dy):
 
 
 _relu.defvjp(_relu_fwd, _relu_bwd)
+
+
+# A 1x1 convolution runs as oneDNN's matrix product where it has at most this many output
+# pixels (batch x height x width) per channel of its wider side: there the product beat
+# oneDNN's 1x1 convolution kernels, forward and backward (docs/performance.md, section 29).
+POINTWISE_MATMUL_ROWS = 4
+
+
+def pointwise_on_matmul(
+    g: Geometry, group: int, x_shape: Sequence[int], w_shape: Sequence[int]
+) -> bool:
+    """Whether a oneDNN convolution of NHWC ``x_shape`` runs as a (pixels, c) x (c, o)
+    product (nincc.onednn_matmul): 1x1, stride 1, no padding, one group, and few pixels for
+    its channels (POINTWISE_MATMUL_ROWS)."""
+    if g.kernel != (1, 1) or g.stride != (1, 1) or g.pad != (0, 0) or group != 1:
+        return False
+    rows = math.prod(x_shape[:3])
+    return rows <= POINTWISE_MATMUL_ROWS * max(w_shape[0], w_shape[1])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _onednn_pointwise(relu: float | None, x: Any, w: Any, b: Any) -> Any:
+    """A 1x1 convolution of NHWC x with Caffe's (o, c, 1, 1) weights as oneDNN's product of
+    (pixels, c) rows and the weights read in place as (c, o), the bias and the ReLU of slope
+    ``relu`` (if given) its post-ops; differentiated as the two layers are."""
+    spec = _pointwise_spec(relu, x, w, b)
+    y = onednn_matmul.matmul(spec, _rows(x), w.reshape(spec.n, spec.k), b if spec.bias else None)
+    return y.reshape(*x.shape[:3], spec.n)
+
+
+def _pointwise_spec(relu: float | None, x: Any, w: Any, b: Any) -> onednn_matmul.MatmulSpec:
+    rows = math.prod(x.shape[:3])
+    return onednn_matmul.MatmulSpec(rows, x.shape[3], w.shape[0], False, True, b.size > 0, relu)
+
+
+def _onednn_pointwise_fwd(relu, x, w, b):
+    y = _onednn_pointwise(relu, x, w, b)
+    return y, (x, w, b.size > 0, None if relu is None else _pack_bits(y > 0))
+
+
+def _onednn_pointwise_bwd(relu, res, dy):
+    x, w, has_bias, packed = res
+    if packed is not None:
+        (dy,) = _relu_bwd(relu, packed, dy)
+    w2 = w.reshape(w.shape[:2])
+    dx, dw, db = onednn_matmul.cotangents(_rows(x), w2, _rows(dy), False, has_bias)
+    return dx.reshape(x.shape), dw.reshape(w.shape), db
+
+
+_onednn_pointwise.defvjp(_onednn_pointwise_fwd, _onednn_pointwise_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -27,7 +27,8 @@ from .onednn import _DIMS, _F32, _vp
 @dataclass(frozen=True)
 class MatmulSpec:
     """y (m, n) = A (m, k) · B (k, n) (+ bias (n,)), float32, every array row-major; A is
-    stored as its transpose (k, m) when ``a_t``, B as its transpose (n, k) when ``b_t``."""
+    stored as its transpose (k, m) when ``a_t``, B as its transpose (n, k) when ``b_t``;
+    then a ReLU of negative slope ``relu``, if given, as the primitive's post-op."""
 
     m: int
     k: int
@@ -35,6 +36,7 @@ class MatmulSpec:
     a_t: bool
     b_t: bool
     bias: bool
+    relu: float | None = None
 
 
 def _strided(rows: int, cols: int, transposed: bool) -> _vp:
@@ -66,7 +68,7 @@ class MatmulPrimitive:
         onednn._check(
             onednn._lib().dnnl_matmul_primitive_desc_create(
                 C.byref(pd), onednn._engine(), self.a, self.b, self.bias, self.y,
-                onednn._user_attr(),
+                onednn._user_attr(self.spec.relu),
             ),
             "matmul",
         )
@@ -92,7 +94,9 @@ def _run(p: MatmulPrimitive, ins: list[int], outs: list[int]) -> None:
 
 
 def _name(spec: MatmulSpec) -> str:
-    fields = [spec.m, spec.k, spec.n, int(spec.a_t), int(spec.b_t), int(spec.bias)]
+    fields: list = [spec.m, spec.k, spec.n, int(spec.a_t), int(spec.b_t), int(spec.bias)]
+    if spec.relu is not None:
+        fields.append("relu" + repr(spec.relu).replace(".", "p").replace("-", "m"))
     return "nincc_onednn_matmul_" + "_".join(map(str, fields))
 
 
@@ -122,6 +126,16 @@ def _inner_fwd(transpose, x, w, b):
 
 def _inner_bwd(transpose, res, dy):
     x, w, has_bias = res
+    return cotangents(x, w, dy, transpose, has_bias)
+
+
+def cotangents(
+    x: Any, w: Any, dy: Any, transpose: bool, has_bias: bool
+) -> tuple[Any, Any, Any]:
+    """(dx, dW, db) of y = x·Wᵀ + b ((n, k) weights; x·W for ``transpose`` (k, n) ones) for
+    the output gradient dy (m, n): two products on the operands as they are stored, and db
+    (an empty array without a bias) as XLA's product of dy with a vector of ones: its column
+    sum runs several times slower where dy is a channels-last array's rows."""
     m, k = x.shape
     n = dy.shape[1]
     # dx (m, k) = dy (m, n) · Wᵀ-as-(n, k): W stored (n, k) is that operand as it is
@@ -130,18 +144,22 @@ def _inner_bwd(transpose, res, dy):
         dw = matmul(MatmulSpec(k, m, n, True, False, False), x, dy)
     else:  # W (n, k): dW = dyᵀ (n, m) · x (m, k)
         dw = matmul(MatmulSpec(n, m, k, True, False, False), dy, x)
-    db = dy.sum(axis=0) if has_bias else jnp.zeros((0,), jnp.float32)
+    db = jnp.ones((m,), dy.dtype) @ dy if has_bias else jnp.zeros((0,), jnp.float32)
     return dx, dw, db
 
 
 _inner.defvjp(_inner_fwd, _inner_bwd)
 
 
+def bias_arg(b: Any | None) -> Any:
+    """The bias operand of a custom VJP: ``b``, or an empty array for a layer without one."""
+    return b if b is not None else jnp.zeros((0,), jnp.float32)
+
+
 def inner_product(x: Any, w: Any, b: Any | None, transpose: bool) -> Any:
     """Caffe's InnerProduct on a (m, k) input: x·Wᵀ (+ b) for (n, k) weights, x·W for
     ``transpose`` (k, n) ones; differentiable in x, w and b."""
-    bias = b if b is not None else jnp.zeros((0,), jnp.float32)
-    return _inner(transpose, x, w, bias)
+    return _inner(transpose, x, w, bias_arg(b))
 
 
 def supports(*arrays: Any) -> bool:

@@ -207,6 +207,74 @@ def test_conv_relu_fusion_picks_in_place_pairs_and_matches_the_table(tmp_path):
             assert_close(g, r, 1e-4, f"{name}[{i}]")
 
 
+# ---------------------------------------------------------------- 1x1 convolutions as products
+
+
+@pytest.mark.parametrize("relu", [None, 0.0, 0.1])
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_product_equals_the_naive_loop(relu, bias):
+    """A 1x1 convolution as oneDNN's matrix product (fast._onednn_pointwise), with its bias
+    and ReLU post-ops: forward and the three gradients against the float64 loop."""
+    from functools import partial
+
+    from nincc import onednn_matmul
+
+    rng = np.random.default_rng(int(bias) + (0 if relu is None else 2 + int(relu * 10)))
+    x = rng.standard_normal((2, 3, 4, 7)).astype(np.float32)
+    w = rng.standard_normal((5, 7, 1, 1)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32) if bias else None
+    geom = ((1, 1), ((0, 0), (0, 0)), (1, 1), 1)
+    pre = naive_conv(x, w, b, *geom)
+    ref = pre if relu is None else np.where(pre > 0, pre, pre * relu)
+    run = partial(fast._onednn_pointwise, relu)
+    bias_arg = onednn_matmul.bias_arg(None if b is None else jnp.asarray(b))
+    y = jax.jit(run)(x, w, bias_arg)
+    text = str(jax.make_jaxpr(run)(x, w, bias_arg))
+    assert "nincc_onednn_matmul" in text and "nincc_onednn_fwd" not in text
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+    ct = rng.standard_normal(ref.shape)
+    grads = jax.jit(jax.grad(lambda x, w, b: jnp.sum(run(x, w, b) * ct), argnums=(0, 1, 2)))(
+        x, w, bias_arg
+    )
+    ct_pre = ct if relu is None else np.where(pre > 0, ct, ct * relu)
+    for name, got, want in zip(("dx", "dw", "db"), grads, naive_conv(x, w, b, *geom, ct=ct_pre),
+                               strict=True):
+        if name == "db" and not bias:
+            assert got.shape == (0,)
+            continue
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "shape,body,product",
+    [
+        ((2, 48, 3, 3), "num_output: 40 kernel_size: 1", True),  # 18 pixels, 48 channels
+        ((2, 8, 20, 20), "num_output: 6 kernel_size: 1", False),  # 800 pixels, 8 channels
+        ((2, 48, 3, 3), "num_output: 40 kernel_size: 1 stride: 2", False),
+        ((2, 48, 3, 3), "num_output: 40 kernel_size: 1 pad: 1", False),
+        ((2, 48, 3, 3), "num_output: 40 kernel_size: 1 group: 2", False),
+        ((2, 48, 3, 3), "num_output: 40 kernel_size: 3", False),
+    ],
+)
+def test_few_pixel_pointwise_layers_run_as_a_product(shape, body, product):
+    """Which oneDNN convolutions run as the product (1x1, stride 1, no pad, one group, at most
+    POINTWISE_MATMUL_ROWS pixels per channel), and either way the layer matches the table."""
+    from nincc.layers.base import REGISTRY
+
+    from .test_fast import compare
+
+    attrs = layer_attrs("Convolution", f"convolution_param {{ {body} }}")
+    rng = np.random.default_rng(len(body))
+    specs = REGISTRY["Convolution"].blobs(attrs, [shape])
+    params = [jnp.asarray(rng.standard_normal(s.shape) * 0.3, jnp.float32) for s in specs]
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    lower = fast.lowering_for("Convolution", attrs, [shape])
+    text = str(jax.make_jaxpr(lambda p, b: lower(attrs, p, b, None))(params, [x]))
+    assert ("nincc_onednn_matmul" in text) is product
+    assert ("nincc_onednn_fwd" in text) is not product
+    compare("Convolution", attrs, params, [x])
+
+
 # ---------------------------------------------------------------- MAX pooling (nincc.onednn_pool)
 
 
