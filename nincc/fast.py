@@ -546,10 +546,10 @@ _ave_pool.defvjp(_ave_pool_fwd, _ave_pool_bwd)
 def _pool_nhwc(a: PoolAttrs, params, bottoms, ctx):
     x = bottoms[0]
     g = _pool_geom_of(a, nchw_shape(x.shape))
-    if a.method == "MAX":
-        spec = None if onednn.per_device(x) else onednn_pool.usable(x.shape, g, x.dtype)
-        return [_max_pool(x, g) if spec is None else onednn_pool.max_pool(spec, x)]
-    return [_ave_pool(x, g)]
+    spec = None if onednn.per_device(x) else onednn_pool.usable(x.shape, g, x.dtype)
+    if spec is not None:
+        return [onednn_pool.pool(spec, x)]
+    return [_max_pool(x, g) if a.method == "MAX" else _ave_pool(x, g)]
 
 
 # ---------------------------------------------------------------- InnerProduct
@@ -846,7 +846,7 @@ FAST_LOWERINGS: dict[str, FastLowering] = {
 
 def forward_note(type_name: str, attrs: Any, bottom_shapes: Sequence[Sequence[int]]) -> str:
     """Which kernels this layer's fast lowering calls, where not XLA's: "oneDNN" for a
-    convolution, MAX pooling or InnerProduct oneDNN runs (nincc.onednn, onednn_pool,
+    convolution, pooling or InnerProduct oneDNN runs (nincc.onednn, onednn_pool,
     onednn_matmul; "" elsewhere)."""
     if lowering_for(type_name, attrs, bottom_shapes) is None:
         return ""

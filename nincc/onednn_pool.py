@@ -1,4 +1,4 @@
-"""Caffe's MAX pooling on oneDNN's kernels inside the compiled function.
+"""Caffe's MAX and AVE pooling on oneDNN's kernels inside the compiled function.
 
 The same plumbing as nincc.onednn's convolutions (XLA FFI custom calls on XLA's own buffers,
 channels-last, CPU backend only, ``NINCC_ONEDNN=0`` turns it off). Pooling is memory-bound
@@ -14,6 +14,13 @@ A window with nothing above -FLT_MAX (all -inf or NaN) has no winner: its output
 in both, and oneDNN would pass its gradient to the window's first element, so the backward
 zeroes those windows' gradients first, as nincc's other lowerings do (Caffe 1.0's index there
 is -1, an out-of-bounds write).
+
+AVE pooling runs on oneDNN where one of its divisors is Caffe's for every window. Caffe
+divides a window's sum by its extent clipped to the padded input (padding counted, the ceil
+overhang past it not). Without padding that is the count of real elements: oneDNN's
+"exclude padding" average, the overhang given to it as padding. With padding and no window
+reaching past it, every divisor is the full window: oneDNN's "include padding". Other
+geometries (padding and an overhang past it, where the divisors mix) keep XLA's lowering.
 """
 
 from __future__ import annotations
@@ -32,6 +39,13 @@ from .layers.vision import PoolGeom
 from .onednn import _DIMS, _FORWARD_INFERENCE, _FORWARD_TRAINING, _TAG_NHWC, _vp
 
 _POOLING_MAX = 0x1FF
+_POOLING_AVG_INCLUDE_PADDING = 0x2FF
+_POOLING_AVG_EXCLUDE_PADDING = 0x3FF
+_ALGORITHMS = {
+    _POOLING_MAX: "max",
+    _POOLING_AVG_INCLUDE_PADDING: "avgin",
+    _POOLING_AVG_EXCLUDE_PADDING: "avgex",
+}
 _QUERY_WORKSPACE_MD = 135
 _ARG_WORKSPACE = 64
 _FLT_MAX = float(np.finfo(np.float32).max)
@@ -39,8 +53,9 @@ _FLT_MAX = float(np.finfo(np.float32).max)
 
 @dataclass(frozen=True)
 class PoolSpec:
-    """One MAX pooling's geometry: NHWC input (n, h, w, c), window, stride, padding low and
-    high (high as oneDNN needs it to end on Caffe's last window), NHWC output (n, *out, c)."""
+    """One pooling's geometry: NHWC input (n, h, w, c), window, stride, padding low and high
+    (high as oneDNN needs it to end on Caffe's last window), NHWC output (n, *out, c), and
+    oneDNN's algorithm (max, or the average with the divisor that is Caffe's)."""
 
     n: int
     h: int
@@ -51,6 +66,11 @@ class PoolSpec:
     pad_low: tuple[int, int]
     pad_high: tuple[int, int]
     out: tuple[int, int]
+    algorithm: int = _POOLING_MAX
+
+    @property
+    def is_max(self) -> bool:
+        return self.algorithm == _POOLING_MAX
 
     def descs(self) -> tuple[_vp, _vp]:
         """oneDNN memory descriptors of the input and the output (logical NCHW, stored NHWC)."""
@@ -70,8 +90,9 @@ class PoolSpec:
 
 
 def spec_of(x_shape: tuple[int, ...], g: PoolGeom) -> PoolSpec | None:
-    """The PoolSpec of NHWC ``x_shape`` under Caffe's pooling ``g``, or None where oneDNN's
-    output-size rule cannot give Caffe's size (a floor-mode last window that stops short)."""
+    """The PoolSpec of NHWC ``x_shape`` under Caffe's MAX or AVE pooling ``g``, or None where
+    oneDNN's output-size rule cannot give Caffe's size (a floor-mode last window that stops
+    short) or, for AVE, none of its divisors is Caffe's (see the module's docstring)."""
     n, h, w, c = (int(d) for d in x_shape)
     highs = []
     for i, o, p, k, s in zip((h, w), g.out, g.pad, g.kernel, g.stride, strict=True):
@@ -79,7 +100,19 @@ def spec_of(x_shape: tuple[int, ...], g: PoolGeom) -> PoolSpec | None:
         if (i + p + hi - k) // s + 1 != o:
             return None
         highs.append(hi)
-    return PoolSpec(n, h, w, c, g.kernel, g.stride, g.pad, (highs[0], highs[1]), g.out)
+    if g.method == "MAX":
+        algorithm = _POOLING_MAX
+    elif g.method != "AVE":
+        return None
+    elif g.pad == (0, 0):
+        algorithm = _POOLING_AVG_EXCLUDE_PADDING
+    elif all(hi <= p for hi, p in zip(highs, g.pad, strict=True)):
+        algorithm = _POOLING_AVG_INCLUDE_PADDING
+    else:
+        return None
+    return PoolSpec(
+        n, h, w, c, g.kernel, g.stride, g.pad, (highs[0], highs[1]), g.out, algorithm
+    )
 
 
 class PoolPrimitives:
@@ -94,10 +127,10 @@ class PoolPrimitives:
         pd = _vp()
         onednn._check(
             onednn._lib().dnnl_pooling_forward_primitive_desc_create(
-                C.byref(pd), onednn._engine(), prop, _POOLING_MAX, self.src, self.dst,
+                C.byref(pd), onednn._engine(), prop, self.spec.algorithm, self.src, self.dst,
                 *self.spec.geometry(), onednn._user_attr(),
             ),
-            "max pooling forward",
+            "pooling forward",
         )
         return pd
 
@@ -118,10 +151,10 @@ class PoolPrimitives:
         pd = _vp()
         onednn._check(
             onednn._lib().dnnl_pooling_backward_primitive_desc_create(
-                C.byref(pd), onednn._engine(), _POOLING_MAX, self.src, self.dst,
+                C.byref(pd), onednn._engine(), self.spec.algorithm, self.src, self.dst,
                 *self.spec.geometry(), self.training.pd, onednn._user_attr(),
             ),
-            "max pooling backward",
+            "pooling backward",
         )
         return onednn._Primitive(pd, None, None)
 
@@ -153,18 +186,21 @@ def _run_training(p: PoolPrimitives, ins: list[int], outs: list[int]) -> None:
 
 def _run_backward(p: PoolPrimitives, ins: list[int], outs: list[int]) -> None:
     prim = p.backward
-    onednn._execute(prim.prim, {
+    args = {
         onednn._ARG_DIFF_DST: (p.dst, ins[0]),
-        _ARG_WORKSPACE: (p.workspace_md, ins[1]),
         onednn._ARG_DIFF_SRC: (p.src, outs[0]),
         onednn._ARG_SCRATCHPAD: (prim.scratchpad_md, outs[1]),
-    })
+    }
+    if p.spec.is_max:
+        args[_ARG_WORKSPACE] = (p.workspace_md, ins[1])
+    onednn._execute(prim.prim, args)
 
 
 def _name(spec: PoolSpec, direction: str) -> str:
     fields = [spec.n, spec.h, spec.w, spec.c, *spec.kernel, *spec.stride, *spec.pad_low,
               *spec.pad_high]
-    return f"nincc_onednn_maxpool_{direction}_" + "_".join(map(str, fields))
+    kind = _ALGORITHMS[spec.algorithm]
+    return f"nincc_onednn_{kind}pool_{direction}_" + "_".join(map(str, fields))
 
 
 def _call(spec: PoolSpec, direction: str, run: Any, outs: list, *args: Any) -> list:
@@ -177,13 +213,15 @@ def _y_type(spec: PoolSpec) -> jax.ShapeDtypeStruct:
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _max_pool(spec: PoolSpec, x: Any) -> Any:
+def _pool(spec: PoolSpec, x: Any) -> Any:
     p = primitives(spec)
     outs = [_y_type(spec), onednn._bytes(p.forward.scratchpad_bytes)]
     return _call(spec, "fwd", _run_forward, outs, x)[0]
 
 
-def _max_pool_fwd(spec, x):
+def _pool_fwd(spec, x):
+    if not spec.is_max:  # an average's backward needs nothing from its forward
+        return _pool(spec, x), None
     p = primitives(spec)
     outs = [
         _y_type(spec),
@@ -194,25 +232,27 @@ def _max_pool_fwd(spec, x):
     return y, (y, ws)
 
 
-def _max_pool_bwd(spec, res, dy):
-    y, ws = res
-    dy = jnp.where(y > -_FLT_MAX, dy, jnp.zeros((), dy.dtype))  # windows without a winner
+def _pool_bwd(spec, res, dy):
+    args = [dy]
+    if spec.is_max:
+        y, ws = res
+        args = [jnp.where(y > -_FLT_MAX, dy, jnp.zeros((), dy.dtype)), ws]  # no winner: no dx
     p = primitives(spec)
     outs = [
         jax.ShapeDtypeStruct((spec.n, spec.h, spec.w, spec.c), jnp.float32),
         onednn._bytes(p.backward.scratchpad_bytes),
     ]
-    return (_call(spec, "bwd", _run_backward, outs, dy, ws)[0],)
+    return (_call(spec, "bwd", _run_backward, outs, *args)[0],)
 
 
-_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+_pool.defvjp(_pool_fwd, _pool_bwd)
 
 
 def usable(x_shape: tuple[int, ...], g: PoolGeom, dtype: Any = np.float32) -> PoolSpec | None:
-    """The PoolSpec to run this MAX pooling on oneDNN with, or None to keep XLA's lowering:
-    oneDNN off or missing (nincc.onednn.enabled), not float32, an empty input, a geometry
-    oneDNN cannot express, or primitives it will not create."""
-    if g.method != "MAX" or np.dtype(dtype) != np.float32 or not all(d > 0 for d in x_shape):
+    """The PoolSpec to run this pooling on oneDNN with, or None to keep XLA's lowering:
+    oneDNN off or missing (nincc.onednn.enabled), not float32, an empty input, a method or
+    geometry oneDNN cannot express as Caffe computes it, or primitives it will not create."""
+    if np.dtype(dtype) != np.float32 or not all(d > 0 for d in x_shape):
         return None
     if not onednn.enabled():
         return None
@@ -227,6 +267,7 @@ def usable(x_shape: tuple[int, ...], g: PoolGeom, dtype: Any = np.float32) -> Po
     return spec
 
 
-def max_pool(spec: PoolSpec, x: Any) -> Any:
-    """Caffe's MAX pooling of NHWC ``x`` (float32) as ``spec`` describes, differentiable."""
-    return _max_pool(spec, x)
+def pool(spec: PoolSpec, x: Any) -> Any:
+    """Caffe's MAX or AVE pooling of NHWC ``x`` (float32) as ``spec`` describes,
+    differentiable."""
+    return _pool(spec, x)

@@ -324,15 +324,67 @@ def test_max_pooling_equals_caffes_loop(kernel, stride, pad, h, w):
     g = _pool_geom("MAX", kernel, stride, pad, True, (h, w))
     spec = onednn_pool.usable(x.shape, g)
     assert spec is not None
-    y = jax.jit(lambda a: onednn_pool.max_pool(spec, a))(x)
+    y = jax.jit(lambda a: onednn_pool.pool(spec, a))(x)
     np.testing.assert_array_equal(np.asarray(y), naive_max_pool(x, kernel, stride, pad, g.out))
     ct = rng.standard_normal(y.shape).astype(np.float32)
-    dx = jax.jit(jax.grad(lambda a: jnp.sum(onednn_pool.max_pool(spec, a) * ct)))(x)
+    dx = jax.jit(jax.grad(lambda a: jnp.sum(onednn_pool.pool(spec, a) * ct)))(x)
     ref = naive_max_pool(x, kernel, stride, pad, g.out, ct)
     np.testing.assert_allclose(np.asarray(dx), ref, rtol=1e-6, atol=1e-6)
 
 
-def test_max_pooling_runs_on_onednn_where_it_can(monkeypatch):
+def naive_ave_pool(x, kernel, stride, pad, out, ct=None):
+    """Caffe's AVE pooling as a loop (NHWC x): each window's sum over the input it covers,
+    divided by its extent clipped to the padded input (padding counted, the overhang past it
+    not); y, or with ``ct`` the input gradient."""
+    n, h, w, c = x.shape
+    y = np.zeros((n, *out, c))
+    dx = np.zeros(x.shape)
+    for oi in range(out[0]):
+        for oj in range(out[1]):
+            h0, w0 = oi * stride[0] - pad[0], oj * stride[1] - pad[1]
+            h1, w1 = min(h0 + kernel[0], h + pad[0]), min(w0 + kernel[1], w + pad[1])
+            size = (h1 - h0) * (w1 - w0)
+            rows, cols = slice(max(h0, 0), min(h1, h)), slice(max(w0, 0), min(w1, w))
+            y[:, oi, oj, :] = x[:, rows, cols, :].astype(np.float64).sum(axis=(1, 2)) / size
+            if ct is not None:
+                dx[:, rows, cols, :] += ct[:, oi, oj, None, None, :] / size
+    return y if ct is None else dx
+
+
+# kernel, stride, pad, h, w: NIN CIFAR-10's pool2 (no padding, a clipped last window), an
+# exact fit, global pooling, padded windows within the padding (rectangular too)
+AVE_CASES = [
+    ((3, 3), (2, 2), (0, 0), 16, 16),
+    ((3, 3), (2, 2), (0, 0), 9, 9),
+    ((8, 8), (1, 1), (0, 0), 8, 8),
+    ((3, 3), (2, 2), (1, 1), 9, 9),
+    ((4, 3), (2, 3), (1, 1), 10, 11),
+    ((3, 3), (1, 1), (1, 1), 6, 6),
+]
+
+
+@pytest.mark.parametrize("kernel,stride,pad,h,w", AVE_CASES)
+def test_ave_pooling_equals_caffes_loop(kernel, stride, pad, h, w):
+    from nincc import onednn_pool
+    from nincc.layers.vision import _pool_geom
+
+    rng = np.random.default_rng(h * w + kernel[0])
+    x = rng.standard_normal((2, h, w, 5)).astype(np.float32)
+    g = _pool_geom("AVE", kernel, stride, pad, True, (h, w))
+    spec = onednn_pool.usable(x.shape, g)
+    assert spec is not None
+    text = str(jax.make_jaxpr(lambda a: onednn_pool.pool(spec, a))(x))
+    assert "avg" in text and "nincc_onednn_maxpool" not in text
+    y = jax.jit(lambda a: onednn_pool.pool(spec, a))(x)
+    ref = naive_ave_pool(x, kernel, stride, pad, g.out)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-6)
+    ct = rng.standard_normal(y.shape).astype(np.float32)
+    dx = jax.jit(jax.grad(lambda a: jnp.sum(onednn_pool.pool(spec, a) * ct)))(x)
+    ref = naive_ave_pool(x, kernel, stride, pad, g.out, ct)
+    np.testing.assert_allclose(np.asarray(dx), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_pooling_runs_on_onednn_where_it_can(monkeypatch):
     from nincc import onednn_pool
     from nincc.layers.vision import _pool_geom
 
@@ -340,9 +392,18 @@ def test_max_pooling_runs_on_onednn_where_it_can(monkeypatch):
     assert onednn_pool.usable((2, 27, 27, 8), g) is not None
     assert onednn_pool.usable((2, 27, 27, 8), g, np.float64) is None
     ave = _pool_geom("AVE", (3, 3), (2, 2), (0, 0), True, (27, 27))
-    assert onednn_pool.usable((2, 27, 27, 8), ave) is None
+    assert onednn_pool.usable((2, 27, 27, 8), ave) is not None
+    # padding, and a last window past it: Caffe's divisors mix the full window and clipped
+    # ones, which neither of oneDNN's averages gives
+    mixed = _pool_geom("AVE", (3, 3), (2, 2), (1, 1), True, (8, 8))
+    assert mixed.out == (5, 5)
+    assert onednn_pool.usable((2, 8, 8, 4), mixed) is None
     attrs = layer_attrs("Pooling", "pooling_param { pool: MAX kernel_size: 3 stride: 2 }")
     assert fast.forward_note("Pooling", attrs, [(2, 8, 27, 27)]) == "oneDNN"
+    mixed_attrs = layer_attrs(
+        "Pooling", "pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 }"
+    )
+    assert fast.forward_note("Pooling", mixed_attrs, [(2, 4, 8, 8)]) == ""
     monkeypatch.setenv(onednn.OPT_OUT, "0")
     assert onednn_pool.usable((2, 27, 27, 8), g) is None
     assert fast.forward_note("Pooling", attrs, [(2, 8, 27, 27)]) == ""
