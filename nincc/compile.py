@@ -8,7 +8,7 @@ statistics (BatchNorm) are blobs like any other; forward returns their updated v
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -121,11 +121,21 @@ def _tie_grads(layer, fast: Fast) -> bool:
     )
 
 
+class ReluFusion(NamedTuple):
+    """The ReLU fused after a convolution: its layer, its negative slope, and whether only
+    convolutions read its top (which they keep for their weight gradients, so the ReLU's
+    backward reads the top rather than a mask: nincc.fast.conv_relu_nhwc)."""
+
+    relu: str
+    slope: float
+    keep_top: bool
+
+
 def relu_fusions(
     graph: Graph, fast: Fast = True, taps: Collection[str] = ()
-) -> dict[str, tuple[str, float]]:
+) -> dict[str, ReluFusion]:
     """Convolutions run_graph runs with the ReLU after them fused (nincc.fast.conv_relu_nhwc):
-    conv layer name -> (ReLU layer name, negative slope).
+    conv layer name -> ReluFusion.
 
     A pair qualifies when oneDNN runs the convolution (the only kernels with the ReLU as a
     post-op), both take their fast lowerings, and the ReLU works in place on the
@@ -159,7 +169,14 @@ def relu_fusions(
             or _fast_lowering(relu, [top_shape], fast) is None
         ):
             continue
-        out[conv.name] = (relu.name, float(relu.attrs.negative_slope))
+        after = readers.get(relu.tops[0], ())
+        keep_top = (
+            bool(after)
+            and all(layer.type == "Convolution" for layer in after)
+            and relu.tops[0] not in graph.outputs
+            and relu.tops[0] not in taps
+        )
+        out[conv.name] = ReluFusion(relu.name, float(relu.attrs.negative_slope), keep_top)
     return out
 
 
@@ -238,8 +255,8 @@ def run_graph(
             else:
                 tops = apply(lower)
             if layer.name in fusions:
-                relu_name, slope = fusions[layer.name]
-                fused[relu_name] = apply(conv_relu_nhwc(slope))
+                fusion = fusions[layer.name]
+                fused[fusion.relu] = apply(conv_relu_nhwc(fusion.slope, fusion.keep_top))
         if len(tops) != len(layer.tops):
             raise NinccError(
                 f"layer '{layer.name}' ({layer.type}) produced {len(tops)} tops, "

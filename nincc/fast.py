@@ -324,7 +324,9 @@ def _caffe_windows(g: Geometry, x: Any) -> tuple[Any, tuple[tuple[int, int], ...
     return x, tuple((p, max(hi, 0)) for p, hi in zip(g.pad, highs, strict=True))
 
 
-def _conv_nhwc(a: ConvAttrs, params, bottoms, ctx, relu: float | None = None):
+def _conv_nhwc(
+    a: ConvAttrs, params, bottoms, ctx, relu: float | None = None, keep_top: bool = False
+):
     w = params[0]
     outs = []
     for x in bottoms:
@@ -336,7 +338,8 @@ def _conv_nhwc(a: ConvAttrs, params, bottoms, ctx, relu: float | None = None):
         ):
             b = params[1] if a.bias_term else None
             if pointwise_on_matmul(g, a.group, x.shape, w.shape):
-                outs.append(_onednn_pointwise(relu, x, w, onednn_matmul.bias_arg(b)))
+                bias = onednn_matmul.bias_arg(b)
+                outs.append(_onednn_pointwise(relu, keep_top, x, w, bias))
                 continue
             x, padding = _caffe_windows(g, x)
             if relu is None:
@@ -345,7 +348,8 @@ def _conv_nhwc(a: ConvAttrs, params, bottoms, ctx, relu: float | None = None):
                 spec = onednn.spec_of(
                     x.shape, w.shape, a.bias_term, g.stride, padding, g.dilation, a.group, relu
                 )
-                outs.append(_onednn_conv_relu(spec, x, w, onednn.bias_arg(spec, b)))
+                bias = onednn.bias_arg(spec, b)
+                outs.append(_onednn_conv_relu(spec, keep_top, x, w, bias))
             continue
         if g.kernel == (1, 1) and g.pad == (0, 0) and a.group == 1:
             if g.stride != (1, 1):  # Caffe's (in - 1) / s + 1 outputs: every s-th pixel
@@ -374,11 +378,13 @@ def _conv_nhwc(a: ConvAttrs, params, bottoms, ctx, relu: float | None = None):
     return outs
 
 
-def conv_relu_nhwc(slope: float) -> Lower:
+def conv_relu_nhwc(slope: float, keep_top: bool = False) -> Lower:
     """The fast Convolution lowering with the in-place ReLU (of ``slope``) that follows it
     fused: where oneDNN runs the convolution the ReLU is its post-op, saving a pass over the
-    output (nincc.compile.relu_fusions picks the pairs); elsewhere the two in turn."""
-    return partial(_conv_nhwc, relu=slope)
+    output (nincc.compile.relu_fusions picks the pairs); elsewhere the two in turn. With
+    ``keep_top`` the ReLU's backward reads its top, which the layers after it keep anyway,
+    instead of a bit mask made in a pass of its own (see _fused_relu_mask)."""
+    return partial(_conv_nhwc, relu=slope, keep_top=keep_top)
 
 
 # ---------------------------------------------------------------- pooling
@@ -725,11 +731,12 @@ def pointwise_on_matmul(
     return rows <= POINTWISE_MATMUL_ROWS * max(w_shape[0], w_shape[1])
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _onednn_pointwise(relu: float | None, x: Any, w: Any, b: Any) -> Any:
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _onednn_pointwise(relu: float | None, keep_top: bool, x: Any, w: Any, b: Any) -> Any:
     """A 1x1 convolution of NHWC x with Caffe's (o, c, 1, 1) weights as oneDNN's product of
     (pixels, c) rows and the weights read in place as (c, o), the bias and the ReLU of slope
-    ``relu`` (if given) its post-ops; differentiated as the two layers are."""
+    ``relu`` (if given) its post-ops; differentiated as the two layers are (the ReLU's
+    residual: _fused_relu_mask)."""
     spec = _pointwise_spec(relu, x, w, b)
     y = onednn_matmul.matmul(spec, _rows(x), w.reshape(spec.n, spec.k), b if spec.bias else None)
     return y.reshape(*x.shape[:3], spec.n)
@@ -740,15 +747,15 @@ def _pointwise_spec(relu: float | None, x: Any, w: Any, b: Any) -> onednn_matmul
     return onednn_matmul.MatmulSpec(rows, x.shape[3], w.shape[0], False, True, b.size > 0, relu)
 
 
-def _onednn_pointwise_fwd(relu, x, w, b):
-    y = _onednn_pointwise(relu, x, w, b)
-    return y, (x, w, b.size > 0, None if relu is None else _pack_bits(y > 0))
+def _onednn_pointwise_fwd(relu, keep_top, x, w, b):
+    y = _onednn_pointwise(relu, keep_top, x, w, b)
+    return y, (x, w, b.size > 0, None if relu is None else _fused_relu_mask(y, keep_top))
 
 
-def _onednn_pointwise_bwd(relu, res, dy):
-    x, w, has_bias, packed = res
-    if packed is not None:
-        (dy,) = _relu_bwd(relu, packed, dy)
+def _onednn_pointwise_bwd(relu, keep_top, res, dy):
+    x, w, has_bias, mask = res
+    if mask is not None:
+        dy = _fused_relu_bwd(relu, mask, dy)
     w2 = w.reshape(w.shape[:2])
     dx, dw, db = onednn_matmul.cotangents(_rows(x), w2, _rows(dy), False, has_bias)
     return dx.reshape(x.shape), dw.reshape(w.shape), db
@@ -757,23 +764,38 @@ def _onednn_pointwise_bwd(relu, res, dy):
 _onednn_pointwise.defvjp(_onednn_pointwise_fwd, _onednn_pointwise_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _onednn_conv_relu(spec: onednn.ConvSpec, x: Any, w: Any, b: Any) -> Any:
+def _fused_relu_mask(y: Any, keep_top: bool) -> Any:
+    """What a ReLU fused into a oneDNN call keeps for its backward: its top itself where the
+    layers after it keep that anyway (``keep_top``: a convolution keeps its input for its
+    weight gradient), saving the pass that makes the mask; elsewhere the bit mask, 1/32 of
+    the top (_pack_bits), so that the top need not stay alive until the backward."""
+    return y if keep_top else _pack_bits(y > 0)
+
+
+def _fused_relu_bwd(slope: float, mask: Any, dy: Any) -> Any:
+    """The fused ReLU's input gradient from _fused_relu_mask's residual (Caffe's in-place
+    rule: where the top is > 0, dy, else slope * dy)."""
+    if mask.shape != dy.shape:
+        return _relu_bwd(slope, mask, dy)[0]
+    return jnp.where(mask > 0, dy, dy * slope)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _onednn_conv_relu(spec: onednn.ConvSpec, keep_top: bool, x: Any, w: Any, b: Any) -> Any:
     """A oneDNN convolution with the ReLU after it as the primitive's post-op (spec.relu:
-    its slope); differentiated as the two layers are: the ReLU's backward from its bit mask,
-    then the convolution's."""
+    its slope); differentiated as the two layers are: the ReLU's backward (its residual:
+    _fused_relu_mask), then the convolution's."""
     return onednn.forward(spec, x, w, b if spec.bias else None)
 
 
-def _onednn_conv_relu_fwd(spec, x, w, b):
-    y = _onednn_conv_relu(spec, x, w, b)
-    return y, (x, w, _pack_bits(y > 0))
+def _onednn_conv_relu_fwd(spec, keep_top, x, w, b):
+    y = _onednn_conv_relu(spec, keep_top, x, w, b)
+    return y, (x, w, _fused_relu_mask(y, keep_top))
 
 
-def _onednn_conv_relu_bwd(spec, res, dy):
-    x, w, packed = res
-    (dy,) = _relu_bwd(spec.relu, packed, dy)
-    return onednn.cotangents(spec, x, w, dy)
+def _onednn_conv_relu_bwd(spec, keep_top, res, dy):
+    x, w, mask = res
+    return onednn.cotangents(spec, x, w, _fused_relu_bwd(spec.relu, mask, dy))
 
 
 _onednn_conv_relu.defvjp(_onednn_conv_relu_fwd, _onednn_conv_relu_bwd)

@@ -167,6 +167,11 @@ layer { name: "c4" type: "Convolution" bottom: "r3" top: "c4"
 layer { name: "split" type: "Split" bottom: "c4" top: "c4a" top: "c4b" }
 layer { name: "r4" type: "ReLU" bottom: "c4a" top: "c4a" }
 layer { name: "sum" type: "Eltwise" bottom: "c4a" bottom: "c4b" top: "sum" }
+layer { name: "c5" type: "Convolution" bottom: "sum" top: "c5"
+        convolution_param { num_output: 5 kernel_size: 3 pad: 1 FILL } }
+layer { name: "r5" type: "ReLU" bottom: "c5" top: "c5" }
+layer { name: "p5" type: "Pooling" bottom: "c5" top: "p5"
+        pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
 """.replace("FILL", _FILL)
 
 
@@ -180,15 +185,19 @@ def test_conv_relu_fusion_picks_in_place_pairs_and_matches_the_table(tmp_path):
     path = tmp_path / "fusion.prototxt"
     path.write_text(FUSION_NET)
     graph = nincc.load_graph(path)
-    assert relu_fusions(graph) == {"c1": ("r1", 0.0), "c2": ("r2", 0.25)}
+    # r1's and r2's tops feed convolutions, which keep them: their backwards read the top;
+    # r5's feeds a pooling: a bit mask. r3 writes another blob; c4's top is split.
+    assert relu_fusions(graph) == {
+        "c1": ("r1", 0.0, True), "c2": ("r2", 0.25, True), "c5": ("r5", 0.0, False)
+    }
     c1 = graph.layer("c1").tops[0]
-    assert relu_fusions(graph, taps={c1}) == {"c2": ("r2", 0.25)}
+    assert relu_fusions(graph, taps={c1}) == {"c2": ("r2", 0.25, True), "c5": ("r5", 0.0, False)}
     assert relu_fusions(graph, fast=("Convolution",)) == {}
 
     params = nincc.compile(graph, jit=False).init(seed=0)
     rng = np.random.default_rng(0)
     feeds = {"data": jnp.asarray(rng.standard_normal((2, 3, 9, 9)), jnp.float32)}
-    out = graph.blob_values()["sum"]
+    out = graph.blob_values()["p5"]
 
     def value_and_grad(use_fast):
         def objective(p):
@@ -198,7 +207,7 @@ def test_conv_relu_fusion_picks_in_place_pairs_and_matches_the_table(tmp_path):
         return jax.jit(jax.value_and_grad(objective))(params)
 
     text = str(jax.make_jaxpr(lambda p: run_graph(graph, p, feeds)[0][out])(params))
-    assert text.count("relu0p0") == 1 and text.count("relu0p25") == 1
+    assert text.count("relu0p0") == 2 and text.count("relu0p25") == 1
     ref_value, ref = value_and_grad(False)
     value, got = value_and_grad(True)
     assert_close(value, ref_value, 1e-5, "objective")
@@ -210,11 +219,12 @@ def test_conv_relu_fusion_picks_in_place_pairs_and_matches_the_table(tmp_path):
 # ---------------------------------------------------------------- 1x1 convolutions as products
 
 
-@pytest.mark.parametrize("relu", [None, 0.0, 0.1])
+@pytest.mark.parametrize("relu,keep_top", [(None, False), (0.0, False), (0.1, False), (0.0, True)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_pointwise_product_equals_the_naive_loop(relu, bias):
+def test_pointwise_product_equals_the_naive_loop(relu, keep_top, bias):
     """A 1x1 convolution as oneDNN's matrix product (fast._onednn_pointwise), with its bias
-    and ReLU post-ops: forward and the three gradients against the float64 loop."""
+    and ReLU post-ops (the ReLU's backward from a bit mask or from the top): forward and the
+    three gradients against the float64 loop."""
     from functools import partial
 
     from nincc import onednn_matmul
@@ -226,7 +236,7 @@ def test_pointwise_product_equals_the_naive_loop(relu, bias):
     geom = ((1, 1), ((0, 0), (0, 0)), (1, 1), 1)
     pre = naive_conv(x, w, b, *geom)
     ref = pre if relu is None else np.where(pre > 0, pre, pre * relu)
-    run = partial(fast._onednn_pointwise, relu)
+    run = partial(fast._onednn_pointwise, relu, keep_top)
     bias_arg = onednn_matmul.bias_arg(None if b is None else jnp.asarray(b))
     y = jax.jit(run)(x, w, bias_arg)
     text = str(jax.make_jaxpr(run)(x, w, bias_arg))
