@@ -205,7 +205,7 @@ def test_upgrade_v1_writes_current_format(capsys, tmp_path):
 def test_inspect_names_each_layers_lowering(monkeypatch):
     """The lowering column, on XLA's kernels: the FFT only in a TRAIN net at a batch the rule
     takes, and not with NINCC_FFT=0; the layer table's lowering where no fast one applies.
-    With oneDNN, every convolution and MAX pooling says so, in both phases."""
+    With oneDNN, every convolution and pooling says so, in both phases."""
     import nincc
     from nincc import onednn, report
 
@@ -232,4 +232,4 @@ def test_inspect_names_each_layers_lowering(monkeypatch):
         for phase in ("TRAIN", "TEST"):
             rows = lowerings(phase, 64)
             assert rows["conv2"] == rows["cccp1"] == rows["pool1"] == "fast, oneDNN"
-            assert rows["pool2"] == "fast"  # AVE pooling stays on XLA's lowering
+            assert rows["pool2"] == "fast, oneDNN"  # AVE without padding: oneDNN's divisor
