@@ -755,7 +755,7 @@ def _onednn_pointwise_fwd(relu, keep_top, x, w, b):
 def _onednn_pointwise_bwd(relu, keep_top, res, dy):
     x, w, has_bias, mask = res
     if mask is not None:
-        dy = _fused_relu_bwd(relu, mask, dy)
+        dy = _fused_relu_bwd(relu, keep_top, mask, dy)
     w2 = w.reshape(w.shape[:2])
     dx, dw, db = onednn_matmul.cotangents(_rows(x), w2, _rows(dy), False, has_bias)
     return dx.reshape(x.shape), dw.reshape(w.shape), db
@@ -772,12 +772,12 @@ def _fused_relu_mask(y: Any, keep_top: bool) -> Any:
     return y if keep_top else _pack_bits(y > 0)
 
 
-def _fused_relu_bwd(slope: float, mask: Any, dy: Any) -> Any:
+def _fused_relu_bwd(slope: float, keep_top: bool, mask: Any, dy: Any) -> Any:
     """The fused ReLU's input gradient from _fused_relu_mask's residual (Caffe's in-place
     rule: where the top is > 0, dy, else slope * dy)."""
-    if mask.shape != dy.shape:
-        return _relu_bwd(slope, mask, dy)[0]
-    return jnp.where(mask > 0, dy, dy * slope)
+    if keep_top:
+        return jnp.where(mask > 0, dy, dy * slope)
+    return _relu_bwd(slope, mask, dy)[0]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -795,7 +795,7 @@ def _onednn_conv_relu_fwd(spec, keep_top, x, w, b):
 
 def _onednn_conv_relu_bwd(spec, keep_top, res, dy):
     x, w, mask = res
-    return onednn.cotangents(spec, x, w, _fused_relu_bwd(spec.relu, mask, dy))
+    return onednn.cotangents(spec, x, w, _fused_relu_bwd(spec.relu, keep_top, mask, dy))
 
 
 _onednn_conv_relu.defvjp(_onednn_conv_relu_fwd, _onednn_conv_relu_bwd)
