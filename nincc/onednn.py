@@ -587,11 +587,16 @@ def primitives(spec: ConvSpec) -> ConvPrimitives:
     return ConvPrimitives(spec)
 
 
+def relu_tag(slope: float) -> str:
+    """A fused ReLU's part of a custom call's target name: "relu0p25" for slope 0.25."""
+    return "relu" + repr(slope).replace(".", "p").replace("-", "m")
+
+
 def _name(spec: ConvSpec, direction: str) -> str:
     fields = [spec.n, spec.h, spec.w, spec.c, spec.o, *spec.kernel, *spec.stride]
     fields += [*spec.pad_low, *spec.pad_high, *spec.dilation, spec.group, int(spec.bias)]
     if spec.relu is not None:
-        fields.append("relu" + repr(spec.relu).replace(".", "p").replace("-", "m"))
+        fields.append(relu_tag(spec.relu))
     return f"nincc_onednn_{direction}_" + "_".join(map(str, fields))
 
 

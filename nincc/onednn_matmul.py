@@ -96,7 +96,7 @@ def _run(p: MatmulPrimitive, ins: list[int], outs: list[int]) -> None:
 def _name(spec: MatmulSpec) -> str:
     fields: list = [spec.m, spec.k, spec.n, int(spec.a_t), int(spec.b_t), int(spec.bias)]
     if spec.relu is not None:
-        fields.append("relu" + repr(spec.relu).replace(".", "p").replace("-", "m"))
+        fields.append(onednn.relu_tag(spec.relu))
     return "nincc_onednn_matmul_" + "_".join(map(str, fields))
 
 
