@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import fftconv, onednn, onednn_matmul, onednn_pool
+from . import fftconv, onednn, onednn_lrn, onednn_matmul, onednn_pool
 from .layers import base
 from .layers.common import InnerProductAttrs, _ip_axis
 from .layers.normalization import LRNAttrs
@@ -649,8 +649,16 @@ def _lrn_bwd(a, x, dy):
 _lrn.defvjp(_lrn_fwd, _lrn_bwd)
 
 
+def _onednn_lrn_spec(a: LRNAttrs, nhwc_shape: Sequence[int], dtype: Any = np.float32):
+    return onednn_lrn.usable(tuple(nhwc_shape), a.local_size, a.alpha, a.beta, a.k, dtype)
+
+
 def _lrn_nhwc(a: LRNAttrs, params, bottoms, ctx):
-    return [_lrn(bottoms[0], a)]
+    x = bottoms[0]
+    spec = None if onednn.per_device(x) else _onednn_lrn_spec(a, x.shape, x.dtype)
+    if spec is not None:
+        return [onednn_lrn.lrn(spec, x)]
+    return [_lrn(x, a)]
 
 
 # ---------------------------------------------------------------- ReLU
@@ -841,7 +849,7 @@ FAST_LOWERINGS: dict[str, FastLowering] = {
     "LRN": FastLowering(
         _lrn_nhwc,
         _is_across_channels,
-        "ACROSS_CHANNELS LRN: channel window sums as shifted slices, Caffe's backward formula",
+        "ACROSS_CHANNELS LRN: oneDNN's kernels; else channel window sums as shifted slices",
     ),
     "Pooling": FastLowering(
         _pool_nhwc,
@@ -868,8 +876,8 @@ FAST_LOWERINGS: dict[str, FastLowering] = {
 
 def forward_note(type_name: str, attrs: Any, bottom_shapes: Sequence[Sequence[int]]) -> str:
     """Which kernels this layer's fast lowering calls, where not XLA's: "oneDNN" for a
-    convolution, pooling or InnerProduct oneDNN runs (nincc.onednn, onednn_pool,
-    onednn_matmul; "" elsewhere)."""
+    convolution, pooling, LRN or InnerProduct oneDNN runs (nincc.onednn, onednn_pool,
+    onednn_lrn, onednn_matmul; "" elsewhere)."""
     if lowering_for(type_name, attrs, bottom_shapes) is None:
         return ""
     if type_name == "Convolution":
@@ -879,6 +887,9 @@ def forward_note(type_name: str, attrs: Any, bottom_shapes: Sequence[Sequence[in
     elif type_name == "Pooling":
         s = tuple(bottom_shapes[0])
         runs = onednn_pool.usable((s[0], s[2], s[3], s[1]), _pool_geom_of(attrs, s)) is not None
+    elif type_name == "LRN":
+        s = tuple(bottom_shapes[0])
+        runs = _onednn_lrn_spec(attrs, (s[0], s[2], s[3], s[1])) is not None
     else:
         runs = False
     return "oneDNN" if runs else ""

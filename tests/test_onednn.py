@@ -419,6 +419,76 @@ def test_pooling_runs_on_onednn_where_it_can(monkeypatch):
     assert fast.forward_note("Pooling", attrs, [(2, 8, 27, 27)]) == ""
 
 
+# ---------------------------------------------------------------- LRN (nincc.onednn_lrn)
+
+
+def naive_lrn(x, size, alpha, beta, k, ct=None):
+    """Caffe's ACROSS_CHANNELS LRN in float64, channel by channel (NHWC x): y = x * s^-beta
+    with s = k + alpha/size * (sum of x^2 over the size channels centred on x, zero past the
+    ends); or with ``ct`` its exact input gradient, tap by tap."""
+    x = np.asarray(x, np.float64)
+    c, half = x.shape[3], (size - 1) // 2
+    window = [range(max(0, ch - half), min(c, ch + half + 1)) for ch in range(c)]
+    sums = [sum(x[..., j] ** 2 for j in window[ch]) for ch in range(c)]
+    s = k + alpha / size * np.stack(sums, -1)
+    if ct is None:
+        return x * s**-beta
+    dx = ct * s**-beta
+    for ch in range(c):  # y[ch] depends on x[j] for j in its window through s[ch]
+        common = ct[..., ch] * x[..., ch] * -beta * s[..., ch] ** (-beta - 1) * alpha / size
+        for j in window[ch]:
+            dx[..., j] += common * 2 * x[..., j]
+    return dx
+
+
+# (channels, local_size, alpha, beta, k): NIN-ZFNet's and AlexNet's constants, a large alpha
+# so the window term matters, the two betas oneDNN has vector kernels for, k other than 1,
+# fewer channels than the window, a narrower and a wider window
+LRN_CASES = [
+    (96, 5, 1e-4, 0.75, 1.0),
+    (20, 5, 2.0, 0.75, 1.0),
+    (16, 3, 1.5, 1.0, 2.0),
+    (12, 7, 0.8, 0.75, 1.5),
+    (2, 5, 3.0, 1.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("c,size,alpha,beta,k", LRN_CASES)
+def test_lrn_equals_caffes_formula(c, size, alpha, beta, k):
+    from nincc import onednn_lrn
+
+    rng = np.random.default_rng(c + size)
+    x = (rng.standard_normal((2, 5, 4, c)) * 2).astype(np.float32)
+    spec = onednn_lrn.usable(x.shape, size, alpha, beta, k)
+    assert spec is not None
+    y = jax.jit(lambda a: onednn_lrn.lrn(spec, a))(x)
+    ref = naive_lrn(x, size, alpha, beta, k)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-6)
+    ct = rng.standard_normal(x.shape).astype(np.float32)
+    dx = jax.jit(jax.grad(lambda a: jnp.sum(onednn_lrn.lrn(spec, a) * ct)))(x)
+    ref = naive_lrn(x, size, alpha, beta, k, ct)
+    np.testing.assert_allclose(np.asarray(dx), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_lrn_runs_on_onednn_where_it_has_a_vector_kernel(monkeypatch):
+    from nincc import onednn_lrn
+
+    assert onednn_lrn.usable((2, 13, 13, 96), 5, 1e-4, 0.75, 1.0) is not None
+    assert onednn_lrn.usable((2, 13, 13, 96), 5, 1e-4, 0.75, 1.0, np.float64) is None
+    # where oneDNN has only its reference kernel (here: beta 0.5), XLA's loop runs
+    ref_only = onednn_lrn.LRNSpec(2, 5, 5, 12, 5, 0.9, 0.5, 1.0)
+    assert onednn_lrn.primitives(ref_only).forward.impl.startswith("ref")
+    assert onednn_lrn.usable((2, 5, 5, 12), 5, 0.9, 0.5, 1.0) is None
+    attrs = layer_attrs("LRN", "lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 }")
+    assert fast.forward_note("LRN", attrs, [(2, 96, 13, 13)]) == "oneDNN"
+    x = jnp.zeros((2, 96, 13, 13), jnp.float32)
+    lower = fast.lowering_for("LRN", attrs, [x.shape])
+    assert "nincc_onednn_lrn" in str(jax.make_jaxpr(lambda b: lower(attrs, [], b, None))([x]))
+    monkeypatch.setenv(onednn.OPT_OUT, "0")
+    assert onednn_lrn.usable((2, 13, 13, 96), 5, 1e-4, 0.75, 1.0) is None
+    assert fast.forward_note("LRN", attrs, [(2, 96, 13, 13)]) == ""
+
+
 # -------------------------------------------------------------- InnerProduct (onednn_matmul)
 
 
