@@ -17,7 +17,15 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from . import layers as table
 from .errors import InputError, NinccError
-from .fast import after, conv_relu_nhwc, lowering_for, to_nchw, to_nhwc, uses_onednn
+from .fast import (
+    after,
+    conv_relu_nhwc,
+    lowering_for,
+    max_pool_after_relu,
+    to_nchw,
+    to_nhwc,
+    uses_onednn,
+)
 from .ir import Graph
 from .layers.base import LowerCtx
 from .layout import Layout, kernel_layout, to_caffe, to_held
@@ -122,13 +130,15 @@ def _tie_grads(layer, fast: Fast) -> bool:
 
 
 class ReluFusion(NamedTuple):
-    """The ReLU fused after a convolution: its layer, its negative slope, and whether only
-    convolutions read its top (which they keep for their weight gradients, so the ReLU's
-    backward reads the top rather than a mask: nincc.fast.conv_relu_nhwc)."""
+    """The ReLU fused after a convolution: its layer, its negative slope, and what its
+    backward reads (nincc.fast.conv_relu_nhwc): "top" where only convolutions read its top
+    (they keep it for their weight gradients); "pooling" where only MAX poolings read it,
+    which then apply the ReLU's backward to their own output gradient (see
+    nincc.fast.max_pool_after_relu); else "mask", a bit mask of the top."""
 
     relu: str
     slope: float
-    keep_top: bool
+    residual: str
 
 
 def relu_fusions(
@@ -170,13 +180,39 @@ def relu_fusions(
         ):
             continue
         after = readers.get(relu.tops[0], ())
-        keep_top = (
-            bool(after)
-            and all(layer.type == "Convolution" for layer in after)
-            and relu.tops[0] not in graph.outputs
-            and relu.tops[0] not in taps
-        )
-        out[conv.name] = ReluFusion(relu.name, float(relu.attrs.negative_slope), keep_top)
+        residual = "mask"
+        if after and relu.tops[0] not in graph.outputs and relu.tops[0] not in taps:
+            if all(layer.type == "Convolution" for layer in after):
+                residual = "top"
+            elif all(_is_max_pooling(layer) for layer in after):
+                residual = "pooling"
+        out[conv.name] = ReluFusion(relu.name, float(relu.attrs.negative_slope), residual)
+    return out
+
+
+def _is_max_pooling(layer) -> bool:
+    """A MAX pooling that passes its gradient down: each window's gradient goes to one
+    element holding the window's maximum, so a ReLU before it may apply its backward to
+    the pooling's output gradient (nincc.fast.max_pool_after_relu)."""
+    return (
+        layer.type == "Pooling"
+        and layer.attrs.method == "MAX"
+        and len(layer.bottoms) == 1
+        and len(layer.tops) == 1
+        and all(layer.propagate_down)
+    )
+
+
+def pooled_relus(fusions: Mapping[str, ReluFusion], graph: Graph) -> dict[str, float]:
+    """MAX pooling layer name -> the negative slope of the fused ReLU whose backward it
+    applies (ReluFusion.residual "pooling")."""
+    out = {}
+    for fusion in fusions.values():
+        if fusion.residual == "pooling":
+            top = graph.layer(fusion.relu).tops[0]
+            for layer in graph.layers:
+                if top in layer.bottoms:
+                    out[layer.name] = fusion.slope
     return out
 
 
@@ -224,6 +260,7 @@ def run_graph(
     new_state: Params = {}
     fusions = relu_fusions(graph, fast, taps or ())
     fused: dict[str, list[Any]] = {}  # ReLU layer name -> its tops, computed with the conv
+    pooled = pooled_relus(fusions, graph)  # MAX pooling name -> slope of the ReLU before it
     for index, layer in enumerate(graph.layers):
         entry = table.REGISTRY[layer.type]
         key = None if rng is None else jax.random.fold_in(rng, index)
@@ -252,11 +289,13 @@ def run_graph(
 
             if layer.name in fused:
                 tops = fused.pop(layer.name)
+            elif layer.name in pooled:
+                tops = apply(max_pool_after_relu(lower, pooled[layer.name]))
             else:
                 tops = apply(lower)
             if layer.name in fusions:
                 fusion = fusions[layer.name]
-                fused[fusion.relu] = apply(conv_relu_nhwc(fusion.slope, fusion.keep_top))
+                fused[fusion.relu] = apply(conv_relu_nhwc(fusion.slope, fusion.residual))
         if len(tops) != len(layer.tops):
             raise NinccError(
                 f"layer '{layer.name}' ({layer.type}) produced {len(tops)} tops, "

@@ -325,7 +325,7 @@ def _caffe_windows(g: Geometry, x: Any) -> tuple[Any, tuple[tuple[int, int], ...
 
 
 def _conv_nhwc(
-    a: ConvAttrs, params, bottoms, ctx, relu: float | None = None, keep_top: bool = False
+    a: ConvAttrs, params, bottoms, ctx, relu: float | None = None, residual: str = "mask"
 ):
     w = params[0]
     outs = []
@@ -339,7 +339,7 @@ def _conv_nhwc(
             b = params[1] if a.bias_term else None
             if pointwise_on_matmul(g, a.group, x.shape, w.shape):
                 bias = onednn_matmul.bias_arg(b)
-                outs.append(_onednn_pointwise(relu, keep_top, x, w, bias))
+                outs.append(_onednn_pointwise(relu, residual, x, w, bias))
                 continue
             x, padding = _caffe_windows(g, x)
             if relu is None:
@@ -349,7 +349,7 @@ def _conv_nhwc(
                     x.shape, w.shape, a.bias_term, g.stride, padding, g.dilation, a.group, relu
                 )
                 bias = onednn.bias_arg(spec, b)
-                outs.append(_onednn_conv_relu(spec, keep_top, x, w, bias))
+                outs.append(_onednn_conv_relu(spec, residual, x, w, bias))
             continue
         if g.kernel == (1, 1) and g.pad == (0, 0) and a.group == 1:
             if g.stride != (1, 1):  # Caffe's (in - 1) / s + 1 outputs: every s-th pixel
@@ -374,17 +374,63 @@ def _conv_nhwc(
                 )
         if a.bias_term:
             y = _add_bias(y, params[1])
-        outs.append(y if relu is None else _relu(y, relu))
+        if relu is not None:
+            y = _relu_ahead_of_pooling(y, relu) if residual == "pooling" else _relu(y, relu)
+        outs.append(y)
     return outs
 
 
-def conv_relu_nhwc(slope: float, keep_top: bool = False) -> Lower:
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _relu_ahead_of_pooling(x: Any, slope: float) -> Any:
+    """A fused ReLU outside oneDNN whose backward the MAX poolings after it apply
+    (residual "pooling"): its own backward passes the gradient through."""
+    return _relu(x, slope)
+
+
+_relu_ahead_of_pooling.defvjp(
+    lambda x, slope: (_relu(x, slope), None), lambda slope, _, dy: (dy,)
+)
+
+
+def conv_relu_nhwc(slope: float, residual: str = "mask") -> Lower:
     """The fast Convolution lowering with the in-place ReLU (of ``slope``) that follows it
     fused: where oneDNN runs the convolution the ReLU is its post-op, saving a pass over the
-    output (nincc.compile.relu_fusions picks the pairs); elsewhere the two in turn. With
-    ``keep_top`` the ReLU's backward reads its top, which the layers after it keep anyway,
-    instead of a bit mask made in a pass of its own (see _fused_relu_mask)."""
-    return partial(_conv_nhwc, relu=slope, keep_top=keep_top)
+    output (nincc.compile.relu_fusions picks the pairs); elsewhere the two in turn. What the
+    ReLU's backward reads, ``residual``: see _fused_relu_mask."""
+    return partial(_conv_nhwc, relu=slope, residual=residual)
+
+
+def max_pool_after_relu(lower: Lower, slope: float) -> Lower:
+    """A MAX pooling lowering that also applies the backward of the fused ReLU (of
+    ``slope``) before it, to its own output gradient: each window's gradient goes to one
+    element holding the window's maximum, so that element's ReLU top is the pooling's
+    output, and ``dy`` where that is > 0, else ``slope * dy``, is the ReLU's rule at the
+    element, on a fraction of the top's size and with no residual of the ReLU's own
+    (nincc.compile.relu_fusions' "pooling")."""
+
+    def lowered(attrs, params, bottoms, ctx):
+        pool = partial(lambda x: lower(attrs, params, [x], ctx)[0])
+        return [_through_relu(pool, slope, bottoms[0])]
+
+    return lowered
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _through_relu(pool: Any, slope: float, x: Any) -> Any:
+    return pool(x)
+
+
+def _through_relu_fwd(pool, slope, x):
+    y, pull = jax.vjp(pool, x)
+    return y, (y, pull)
+
+
+def _through_relu_bwd(pool, slope, res, dy):
+    y, pull = res
+    return pull(jnp.where(y > 0, dy, dy * slope))
+
+
+_through_relu.defvjp(_through_relu_fwd, _through_relu_bwd)
 
 
 # ---------------------------------------------------------------- pooling
@@ -740,7 +786,7 @@ def pointwise_on_matmul(
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _onednn_pointwise(relu: float | None, keep_top: bool, x: Any, w: Any, b: Any) -> Any:
+def _onednn_pointwise(relu: float | None, residual: str, x: Any, w: Any, b: Any) -> Any:
     """A 1x1 convolution of NHWC x with Caffe's (o, c, 1, 1) weights as oneDNN's product of
     (pixels, c) rows and the weights read in place as (c, o), the bias and the ReLU of slope
     ``relu`` (if given) its post-ops; differentiated as the two layers are (the ReLU's
@@ -755,15 +801,15 @@ def _pointwise_spec(relu: float | None, x: Any, w: Any, b: Any) -> onednn_matmul
     return onednn_matmul.MatmulSpec(rows, x.shape[3], w.shape[0], False, True, b.size > 0, relu)
 
 
-def _onednn_pointwise_fwd(relu, keep_top, x, w, b):
-    y = _onednn_pointwise(relu, keep_top, x, w, b)
-    return y, (x, w, b.size > 0, None if relu is None else _fused_relu_mask(y, keep_top))
+def _onednn_pointwise_fwd(relu, residual, x, w, b):
+    y = _onednn_pointwise(relu, residual, x, w, b)
+    return y, (x, w, b.size > 0, None if relu is None else _fused_relu_mask(y, residual))
 
 
-def _onednn_pointwise_bwd(relu, keep_top, res, dy):
+def _onednn_pointwise_bwd(relu, residual, res, dy):
     x, w, has_bias, mask = res
-    if mask is not None:
-        dy = _fused_relu_bwd(relu, keep_top, mask, dy)
+    if relu is not None:
+        dy = _fused_relu_bwd(relu, residual, mask, dy)
     w2 = w.reshape(w.shape[:2])
     dx, dw, db = onednn_matmul.cotangents(_rows(x), w2, _rows(dy), False, has_bias)
     return dx.reshape(x.shape), dw.reshape(w.shape), db
@@ -772,38 +818,45 @@ def _onednn_pointwise_bwd(relu, keep_top, res, dy):
 _onednn_pointwise.defvjp(_onednn_pointwise_fwd, _onednn_pointwise_bwd)
 
 
-def _fused_relu_mask(y: Any, keep_top: bool) -> Any:
-    """What a ReLU fused into a oneDNN call keeps for its backward: its top itself where the
-    layers after it keep that anyway (``keep_top``: a convolution keeps its input for its
-    weight gradient), saving the pass that makes the mask; elsewhere the bit mask, 1/32 of
-    the top (_pack_bits), so that the top need not stay alive until the backward."""
-    return y if keep_top else _pack_bits(y > 0)
+def _fused_relu_mask(y: Any, residual: str) -> Any:
+    """What a ReLU fused into a oneDNN call keeps for its backward (``residual``, chosen by
+    nincc.compile.relu_fusions): "top", the top itself, where the layers after it keep that
+    anyway (a convolution keeps its input for its weight gradient), saving the pass that
+    makes the mask; "pooling", nothing, where the MAX poolings after it apply its backward
+    (max_pool_after_relu); "mask", the bit mask, 1/32 of the top (_pack_bits), so that the
+    top need not stay alive until the backward."""
+    if residual == "pooling":
+        return None
+    return y if residual == "top" else _pack_bits(y > 0)
 
 
-def _fused_relu_bwd(slope: float, keep_top: bool, mask: Any, dy: Any) -> Any:
+def _fused_relu_bwd(slope: float, residual: str, mask: Any, dy: Any) -> Any:
     """The fused ReLU's input gradient from _fused_relu_mask's residual (Caffe's in-place
-    rule: where the top is > 0, dy, else slope * dy)."""
-    if keep_top:
+    rule: where the top is > 0, dy, else slope * dy); "pooling": ``dy``, to which the
+    poolings after the ReLU applied that rule already."""
+    if residual == "pooling":
+        return dy
+    if residual == "top":
         return jnp.where(mask > 0, dy, dy * slope)
     return _relu_bwd(slope, mask, dy)[0]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _onednn_conv_relu(spec: onednn.ConvSpec, keep_top: bool, x: Any, w: Any, b: Any) -> Any:
+def _onednn_conv_relu(spec: onednn.ConvSpec, residual: str, x: Any, w: Any, b: Any) -> Any:
     """A oneDNN convolution with the ReLU after it as the primitive's post-op (spec.relu:
     its slope); differentiated as the two layers are: the ReLU's backward (its residual:
     _fused_relu_mask), then the convolution's."""
     return onednn.forward(spec, x, w, b if spec.bias else None)
 
 
-def _onednn_conv_relu_fwd(spec, keep_top, x, w, b):
-    y = _onednn_conv_relu(spec, keep_top, x, w, b)
-    return y, (x, w, _fused_relu_mask(y, keep_top))
+def _onednn_conv_relu_fwd(spec, residual, x, w, b):
+    y = _onednn_conv_relu(spec, residual, x, w, b)
+    return y, (x, w, _fused_relu_mask(y, residual))
 
 
-def _onednn_conv_relu_bwd(spec, keep_top, res, dy):
+def _onednn_conv_relu_bwd(spec, residual, res, dy):
     x, w, mask = res
-    return onednn.cotangents(spec, x, w, _fused_relu_bwd(spec.relu, keep_top, mask, dy))
+    return onednn.cotangents(spec, x, w, _fused_relu_bwd(spec.relu, residual, mask, dy))
 
 
 _onednn_conv_relu.defvjp(_onednn_conv_relu_fwd, _onednn_conv_relu_bwd)

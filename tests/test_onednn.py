@@ -169,35 +169,58 @@ layer { name: "r4" type: "ReLU" bottom: "c4a" top: "c4a" }
 layer { name: "sum" type: "Eltwise" bottom: "c4a" bottom: "c4b" top: "sum" }
 layer { name: "c5" type: "Convolution" bottom: "sum" top: "c5"
         convolution_param { num_output: 5 kernel_size: 3 pad: 1 FILL } }
-layer { name: "r5" type: "ReLU" bottom: "c5" top: "c5" }
+layer { name: "r5" type: "ReLU" bottom: "c5" top: "c5" relu_param { negative_slope: 0.5 } }
 layer { name: "p5" type: "Pooling" bottom: "c5" top: "p5"
         pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "c6" type: "Convolution" bottom: "p5" top: "c6"
+        convolution_param { num_output: 6 kernel_size: 1 FILL } }
+layer { name: "r6" type: "ReLU" bottom: "c6" top: "c6" }
+layer { name: "p6a" type: "Pooling" bottom: "c6" top: "p6a"
+        pooling_param { pool: MAX kernel_size: 2 stride: 1 } }
+layer { name: "p6b" type: "Pooling" bottom: "c6" top: "p6b"
+        pooling_param { pool: MAX kernel_size: 3 stride: 1 pad: 1 } }
+layer { name: "c7" type: "Convolution" bottom: "p6b" top: "c7"
+        convolution_param { num_output: 4 kernel_size: 1 FILL } }
+layer { name: "r7" type: "ReLU" bottom: "c7" top: "c7" }
+layer { name: "p7" type: "Pooling" bottom: "c7" top: "p7"
+        pooling_param { pool: AVE kernel_size: 2 stride: 1 } }
+layer { name: "out" type: "Concat" bottom: "p6a" bottom: "p7" top: "out" }
 """.replace("FILL", _FILL)
 
 
 def test_conv_relu_fusion_picks_in_place_pairs_and_matches_the_table(tmp_path):
     """In-place ReLUs after oneDNN convolutions are fused (leaky ones too); a ReLU writing
-    another blob, or a convolution whose top is tapped, is not. Forward and gradients match
-    the layer table's lowerings either way."""
+    another blob, or a convolution whose top is tapped, is not. Each fused ReLU's backward
+    reads what suits its readers. Forward and gradients match the layer table's lowerings
+    either way."""
     import nincc
-    from nincc.compile import relu_fusions, run_graph
+    from nincc.compile import pooled_relus, relu_fusions, run_graph
 
     path = tmp_path / "fusion.prototxt"
     path.write_text(FUSION_NET)
     graph = nincc.load_graph(path)
-    # r1's and r2's tops feed convolutions, which keep them: their backwards read the top;
-    # r5's feeds a pooling: a bit mask. r3 writes another blob; c4's top is split.
-    assert relu_fusions(graph) == {
-        "c1": ("r1", 0.0, True), "c2": ("r2", 0.25, True), "c5": ("r5", 0.0, False)
+    # r1's and r2's tops feed convolutions, which keep them: their backwards read the top.
+    # r5's and r6's feed MAX poolings only, which apply the ReLU's backward; r7's feeds an
+    # AVE pooling: a bit mask. r3 writes another blob; c4's top is split.
+    fusions = {
+        "c1": ("r1", 0.0, "top"),
+        "c2": ("r2", 0.25, "top"),
+        "c5": ("r5", 0.5, "pooling"),
+        "c6": ("r6", 0.0, "pooling"),
+        "c7": ("r7", 0.0, "mask"),
     }
+    assert relu_fusions(graph) == fusions
+    assert pooled_relus(relu_fusions(graph), graph) == {"p5": 0.5, "p6a": 0.0, "p6b": 0.0}
     c1 = graph.layer("c1").tops[0]
-    assert relu_fusions(graph, taps={c1}) == {"c2": ("r2", 0.25, True), "c5": ("r5", 0.0, False)}
+    assert relu_fusions(graph, taps={c1}) == {k: v for k, v in fusions.items() if k != "c1"}
+    r6 = graph.layer("r6").tops[0]
+    assert relu_fusions(graph, taps={r6})["c6"] == ("r6", 0.0, "mask")
     assert relu_fusions(graph, fast=("Convolution",)) == {}
 
     params = nincc.compile(graph, jit=False).init(seed=0)
     rng = np.random.default_rng(0)
     feeds = {"data": jnp.asarray(rng.standard_normal((2, 3, 9, 9)), jnp.float32)}
-    out = graph.blob_values()["p5"]
+    out = graph.blob_values()["out"]
 
     def value_and_grad(use_fast):
         def objective(p):
@@ -207,7 +230,7 @@ def test_conv_relu_fusion_picks_in_place_pairs_and_matches_the_table(tmp_path):
         return jax.jit(jax.value_and_grad(objective))(params)
 
     text = str(jax.make_jaxpr(lambda p: run_graph(graph, p, feeds)[0][out])(params))
-    assert text.count("relu0p0") == 2 and text.count("relu0p25") == 1
+    assert text.count("relu0p0") == 3 and text.count("relu0p25") == 1 and "relu0p5" in text
     ref_value, ref = value_and_grad(False)
     value, got = value_and_grad(True)
     assert_close(value, ref_value, 1e-5, "objective")
@@ -219,12 +242,15 @@ def test_conv_relu_fusion_picks_in_place_pairs_and_matches_the_table(tmp_path):
 # ---------------------------------------------------------------- 1x1 convolutions as products
 
 
-@pytest.mark.parametrize("relu,keep_top", [(None, False), (0.0, False), (0.1, False), (0.0, True)])
+@pytest.mark.parametrize(
+    "relu,residual",
+    [(None, "mask"), (0.0, "mask"), (0.1, "mask"), (0.0, "top"), (0.1, "pooling")],
+)
 @pytest.mark.parametrize("bias", [True, False])
-def test_pointwise_product_equals_the_naive_loop(relu, keep_top, bias):
+def test_pointwise_product_equals_the_naive_loop(relu, residual, bias):
     """A 1x1 convolution as oneDNN's matrix product (fast._onednn_pointwise), with its bias
-    and ReLU post-ops (the ReLU's backward from a bit mask or from the top): forward and the
-    three gradients against the float64 loop."""
+    and ReLU post-ops (the ReLU's backward from a bit mask or from the top, or left to the
+    MAX poolings after it): forward and the three gradients against the float64 loop."""
     from functools import partial
 
     from nincc import onednn_matmul
@@ -236,7 +262,7 @@ def test_pointwise_product_equals_the_naive_loop(relu, keep_top, bias):
     geom = ((1, 1), ((0, 0), (0, 0)), (1, 1), 1)
     pre = naive_conv(x, w, b, *geom)
     ref = pre if relu is None else np.where(pre > 0, pre, pre * relu)
-    run = partial(fast._onednn_pointwise, relu, keep_top)
+    run = partial(fast._onednn_pointwise, relu, residual)
     bias_arg = onednn_matmul.bias_arg(None if b is None else jnp.asarray(b))
     y = jax.jit(run)(x, w, bias_arg)
     text = str(jax.make_jaxpr(run)(x, w, bias_arg))
@@ -246,7 +272,7 @@ def test_pointwise_product_equals_the_naive_loop(relu, keep_top, bias):
     grads = jax.jit(jax.grad(lambda x, w, b: jnp.sum(run(x, w, b) * ct), argnums=(0, 1, 2)))(
         x, w, bias_arg
     )
-    ct_pre = ct if relu is None else np.where(pre > 0, ct, ct * relu)
+    ct_pre = ct if relu is None or residual == "pooling" else np.where(pre > 0, ct, ct * relu)
     for name, got, want in zip(("dx", "dw", "db"), grads, naive_conv(x, w, b, *geom, ct=ct_pre),
                                strict=True):
         if name == "db" and not bias:
