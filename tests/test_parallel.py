@@ -50,6 +50,12 @@ layer {{ name: "ip" type: "InnerProduct" bottom: "pool" top: "ip"
 layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}
 """
 BATCHNORM = 'layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }'
+# fused into the convolution, its backward left to the MAX pooling (nincc.compile's
+# ReluFusion "pooling"), where the convolution runs on XLA inside a data-parallel step too
+LEAKY_RELU = (
+    'layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" '
+    "relu_param { negative_slope: 0.5 } }"
+)
 SOLVER = """net: "{name}.prototxt"
 base_lr: 0.1
 momentum: 0.9
@@ -290,7 +296,7 @@ print(json.dumps({"diff": out, "bn_replicas_identical": same, "codes": codes,
 def test_1_2_4_devices_equal_one_device_with_the_combined_batch(tmp_path):
     """Params after 3 iterations (iter_size 2, momentum, weight decay, a step in the rate) on
     1, 2 and 4 virtual devices with batch 3 each equal one device's with batch 3, 6, 12."""
-    write_job(tmp_path / "plain", {f"x{n}": B * n for n in (1, 2, 4)})
+    write_job(tmp_path / "plain", {f"x{n}": B * n for n in (1, 2, 4)}, extra=LEAKY_RELU)
     write_job(tmp_path / "bn", {"x1": B}, extra=BATCHNORM)
     r = subprocess.run(
         [sys.executable, "-c", DEVICES_SCRIPT, str(tmp_path / "plain"), str(tmp_path / "bn")],
