@@ -1,7 +1,7 @@
 """Caffe's ACROSS_CHANNELS LRN on oneDNN's kernels inside the compiled function.
 
-The same plumbing as nincc.onednn's convolutions (XLA FFI custom calls on XLA's own buffers,
-channels-last, CPU backend only, ``NINCC_ONEDNN=0`` turns it off). oneDNN's across-channels
+The same plumbing as MAX pooling (nincc.onednn_workspace: XLA FFI custom calls on XLA's own
+buffers, channels-last, CPU backend only, ``NINCC_ONEDNN=0`` turns it off). oneDNN's across-channels
 LRN is Caffe's formula term for term: ``x * (k + alpha/n * sum of x^2 over the n channels
 centred on it)^-beta``, zero beyond the first and last channel, n odd (Caffe's rule).
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ctypes as C
 from dataclasses import dataclass
-from functools import cache, cached_property, partial
+from functools import cache, partial
 from typing import Any
 
 import jax
@@ -26,11 +26,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import onednn
-from .onednn import _FORWARD_INFERENCE, _FORWARD_TRAINING, _TAG_NHWC, _vp
+from .onednn import _TAG_NHWC, _vp
+from .onednn_workspace import (
+    ARG_WORKSPACE,
+    WorkspacePrimitives,
+    call,
+    execute,
+    forward_types,
+    run_forward,
+    run_training,
+    training_types,
+)
 
 _LRN_ACROSS_CHANNELS = 0xAFF
-_QUERY_WORKSPACE_MD = 135
-_ARG_WORKSPACE = 64
 
 
 @dataclass(frozen=True)
@@ -59,49 +67,37 @@ class LRNSpec:
         )
 
 
-class LRNPrimitives:
+class LRNPrimitives(WorkspacePrimitives):
     """The inference forward, training forward (with the workspace) and backward of one
-    LRNSpec, each created when first asked for (at trace time)."""
+    LRNSpec (nincc.onednn_workspace)."""
 
     def __init__(self, spec: LRNSpec) -> None:
         self.spec = spec
-        self.md = spec.md()
+        md = spec.md()
+        super().__init__(md, md)
 
-    def _forward_pd(self, prop: int) -> _vp:
+    def forward_pd(self, prop: int) -> _vp:
         pd = _vp()
         onednn._check(
             onednn._lib().dnnl_lrn_forward_primitive_desc_create(
-                C.byref(pd), onednn._engine(), prop, _LRN_ACROSS_CHANNELS, self.md, self.md,
+                C.byref(pd), onednn._engine(), prop, _LRN_ACROSS_CHANNELS, self.src, self.dst,
                 *self.spec.constants(), onednn._user_attr(),
             ),
             "LRN forward",
         )
         return pd
 
-    @cached_property
-    def forward(self) -> onednn._Primitive:
-        return onednn._Primitive(self._forward_pd(_FORWARD_INFERENCE), None, None)
-
-    @cached_property
-    def training(self) -> onednn._Primitive:
-        return onednn._Primitive(self._forward_pd(_FORWARD_TRAINING), None, None)
-
-    @cached_property
-    def workspace_md(self) -> _vp:
-        return onednn._query_md(self.training.pd, _QUERY_WORKSPACE_MD)
-
-    @cached_property
-    def backward(self) -> onednn._Primitive:
+    def backward_pd(self, hint: _vp) -> _vp:
         pd = _vp()
-        md = self.md
+        md = self.src
         onednn._check(
             onednn._lib().dnnl_lrn_backward_primitive_desc_create(
                 C.byref(pd), onednn._engine(), _LRN_ACROSS_CHANNELS, md, md, md,
-                *self.spec.constants(), self.training.pd, onednn._user_attr(),
+                *self.spec.constants(), hint, onednn._user_attr(),
             ),
             "LRN backward",
         )
-        return onednn._Primitive(pd, None, None)
+        return pd
 
     def all(self) -> tuple[onednn._Primitive, ...]:
         return (self.forward, self.training, self.backward)
@@ -113,46 +109,22 @@ def primitives(spec: LRNSpec) -> LRNPrimitives:
     return LRNPrimitives(spec)
 
 
-def _run_forward(p: LRNPrimitives, ins: list[int], outs: list[int]) -> None:
-    prim = p.forward
-    onednn._execute(prim.prim, {
-        onednn._ARG_SRC: (p.md, ins[0]),
-        onednn._ARG_DST: (p.md, outs[0]),
-        onednn._ARG_SCRATCHPAD: (prim.scratchpad_md, outs[1]),
-    })
-
-
-def _run_training(p: LRNPrimitives, ins: list[int], outs: list[int]) -> None:
-    prim = p.training
-    onednn._execute(prim.prim, {
-        onednn._ARG_SRC: (p.md, ins[0]),
-        onednn._ARG_DST: (p.md, outs[0]),
-        _ARG_WORKSPACE: (p.workspace_md, outs[1]),
-        onednn._ARG_SCRATCHPAD: (prim.scratchpad_md, outs[2]),
-    })
-
-
 def _run_backward(p: LRNPrimitives, ins: list[int], outs: list[int]) -> None:
-    prim = p.backward
-    onednn._execute(prim.prim, {
-        onednn._ARG_SRC: (p.md, ins[0]),
-        onednn._ARG_DIFF_DST: (p.md, ins[1]),
-        _ARG_WORKSPACE: (p.workspace_md, ins[2]),
-        onednn._ARG_DIFF_SRC: (p.md, outs[0]),
-        onednn._ARG_SCRATCHPAD: (prim.scratchpad_md, outs[1]),
-    })
+    args = {
+        onednn._ARG_SRC: (p.src, ins[0]),
+        onednn._ARG_DIFF_DST: (p.dst, ins[1]),
+        ARG_WORKSPACE: (p.workspace_md, ins[2]),
+        onednn._ARG_DIFF_SRC: (p.src, outs[0]),
+    }
+    execute(p.backward, args, outs[1])
 
 
 def _name(spec: LRNSpec, direction: str) -> str:
-    consts = "_".join(repr(v).replace(".", "p").replace("-", "m")
-                      for v in (spec.alpha, spec.beta, spec.k))
+    consts = "_".join(
+        repr(v).replace(".", "p").replace("-", "m") for v in (spec.alpha, spec.beta, spec.k)
+    )
     fields = "_".join(map(str, (spec.n, spec.h, spec.w, spec.c, spec.size)))
     return f"nincc_onednn_lrn_{direction}_{fields}_{consts}"
-
-
-def _call(spec: LRNSpec, direction: str, run: Any, outs: list, *args: Any) -> list:
-    target = onednn._target(_name(spec, direction), partial(run, primitives(spec)))
-    return jax.ffi.ffi_call(target, outs, vmap_method="sequential")(*args)
 
 
 def _x_type(spec: LRNSpec) -> jax.ShapeDtypeStruct:
@@ -162,25 +134,20 @@ def _x_type(spec: LRNSpec) -> jax.ShapeDtypeStruct:
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _lrn(spec: LRNSpec, x: Any) -> Any:
     p = primitives(spec)
-    outs = [_x_type(spec), onednn._bytes(p.forward.scratchpad_bytes)]
-    return _call(spec, "fwd", _run_forward, outs, x)[0]
+    return call(_name(spec, "fwd"), run_forward, p, forward_types(p, _x_type(spec)), x)[0]
 
 
 def _lrn_fwd(spec, x):
     p = primitives(spec)
-    outs = [
-        _x_type(spec),
-        onednn._bytes(onednn._md_size(p.workspace_md)),
-        onednn._bytes(p.training.scratchpad_bytes),
-    ]
-    y, ws, _ = _call(spec, "train", _run_training, outs, x)
+    y, ws, _ = call(_name(spec, "train"), run_training, p, training_types(p, _x_type(spec)), x)
     return y, (x, ws)
 
 
 def _lrn_bwd(spec, res, dy):
     x, ws = res
-    outs = [_x_type(spec), onednn._bytes(primitives(spec).backward.scratchpad_bytes)]
-    return (_call(spec, "bwd", _run_backward, outs, x, dy, ws)[0],)
+    p = primitives(spec)
+    outs = [_x_type(spec), onednn._bytes(p.backward.scratchpad_bytes)]
+    return (call(_name(spec, "bwd"), _run_backward, p, outs, x, dy, ws)[0],)
 
 
 _lrn.defvjp(_lrn_fwd, _lrn_bwd)

@@ -1,7 +1,8 @@
 """Caffe's MAX and AVE pooling on oneDNN's kernels inside the compiled function.
 
 The same plumbing as nincc.onednn's convolutions (XLA FFI custom calls on XLA's own buffers,
-channels-last, CPU backend only, ``NINCC_ONEDNN=0`` turns it off). Pooling is memory-bound
+channels-last, CPU backend only, ``NINCC_ONEDNN=0`` turns it off); the primitives and calls
+shared with LRN are nincc.onednn_workspace's. Pooling is memory-bound
 and cheap in FLOPs, but XLA's lowering of its backward (each window offset's share folded
 back onto the input grid, nincc.fast) took 5-11 ms per layer of a NIN ImageNet b16 step;
 oneDNN's forward and backward take 0.2-0.8 ms (docs/performance.md, section 28).
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import ctypes as C
 from dataclasses import dataclass
-from functools import cache, cached_property, partial
+from functools import cache, partial
 from typing import Any
 
 import jax
@@ -36,7 +37,17 @@ import numpy as np
 
 from . import onednn
 from .layers.vision import PoolGeom
-from .onednn import _DIMS, _FORWARD_INFERENCE, _FORWARD_TRAINING, _TAG_NHWC, _vp
+from .onednn import _DIMS, _TAG_NHWC, _vp
+from .onednn_workspace import (
+    ARG_WORKSPACE,
+    WorkspacePrimitives,
+    call,
+    execute,
+    forward_types,
+    run_forward,
+    run_training,
+    training_types,
+)
 
 _POOLING_MAX = 0x1FF
 _POOLING_AVG_INCLUDE_PADDING = 0x2FF
@@ -46,8 +57,6 @@ _ALGORITHMS = {
     _POOLING_AVG_INCLUDE_PADDING: "avgin",
     _POOLING_AVG_EXCLUDE_PADDING: "avgex",
 }
-_QUERY_WORKSPACE_MD = 135
-_ARG_WORKSPACE = 64
 _FLT_MAX = float(np.finfo(np.float32).max)
 
 
@@ -115,15 +124,15 @@ def spec_of(x_shape: tuple[int, ...], g: PoolGeom) -> PoolSpec | None:
     )
 
 
-class PoolPrimitives:
+class PoolPrimitives(WorkspacePrimitives):
     """The inference forward, training forward (with the workspace) and backward of one
-    PoolSpec, each created when first asked for (at trace time)."""
+    PoolSpec (nincc.onednn_workspace)."""
 
     def __init__(self, spec: PoolSpec) -> None:
         self.spec = spec
-        self.src, self.dst = spec.descs()
+        super().__init__(*spec.descs())
 
-    def _forward_pd(self, prop: int) -> _vp:
+    def forward_pd(self, prop: int) -> _vp:
         pd = _vp()
         onednn._check(
             onednn._lib().dnnl_pooling_forward_primitive_desc_create(
@@ -134,29 +143,16 @@ class PoolPrimitives:
         )
         return pd
 
-    @cached_property
-    def forward(self) -> onednn._Primitive:
-        return onednn._Primitive(self._forward_pd(_FORWARD_INFERENCE), None, None)
-
-    @cached_property
-    def training(self) -> onednn._Primitive:
-        return onednn._Primitive(self._forward_pd(_FORWARD_TRAINING), None, None)
-
-    @cached_property
-    def workspace_md(self) -> _vp:
-        return onednn._query_md(self.training.pd, _QUERY_WORKSPACE_MD)
-
-    @cached_property
-    def backward(self) -> onednn._Primitive:
+    def backward_pd(self, hint: _vp) -> _vp:
         pd = _vp()
         onednn._check(
             onednn._lib().dnnl_pooling_backward_primitive_desc_create(
                 C.byref(pd), onednn._engine(), self.spec.algorithm, self.src, self.dst,
-                *self.spec.geometry(), self.training.pd, onednn._user_attr(),
+                *self.spec.geometry(), hint, onednn._user_attr(),
             ),
             "pooling backward",
         )
-        return onednn._Primitive(pd, None, None)
+        return pd
 
 
 @cache
@@ -165,35 +161,14 @@ def primitives(spec: PoolSpec) -> PoolPrimitives:
     return PoolPrimitives(spec)
 
 
-def _run_forward(p: PoolPrimitives, ins: list[int], outs: list[int]) -> None:
-    prim = p.forward
-    onednn._execute(prim.prim, {
-        onednn._ARG_SRC: (p.src, ins[0]),
-        onednn._ARG_DST: (p.dst, outs[0]),
-        onednn._ARG_SCRATCHPAD: (prim.scratchpad_md, outs[1]),
-    })
-
-
-def _run_training(p: PoolPrimitives, ins: list[int], outs: list[int]) -> None:
-    prim = p.training
-    onednn._execute(prim.prim, {
-        onednn._ARG_SRC: (p.src, ins[0]),
-        onednn._ARG_DST: (p.dst, outs[0]),
-        _ARG_WORKSPACE: (p.workspace_md, outs[1]),
-        onednn._ARG_SCRATCHPAD: (prim.scratchpad_md, outs[2]),
-    })
-
-
 def _run_backward(p: PoolPrimitives, ins: list[int], outs: list[int]) -> None:
-    prim = p.backward
     args = {
         onednn._ARG_DIFF_DST: (p.dst, ins[0]),
         onednn._ARG_DIFF_SRC: (p.src, outs[0]),
-        onednn._ARG_SCRATCHPAD: (prim.scratchpad_md, outs[1]),
     }
     if p.spec.is_max:
-        args[_ARG_WORKSPACE] = (p.workspace_md, ins[1])
-    onednn._execute(prim.prim, args)
+        args[ARG_WORKSPACE] = (p.workspace_md, ins[1])
+    execute(p.backward, args, outs[1])
 
 
 def _name(spec: PoolSpec, direction: str) -> str:
@@ -203,11 +178,6 @@ def _name(spec: PoolSpec, direction: str) -> str:
     return f"nincc_onednn_{kind}pool_{direction}_" + "_".join(map(str, fields))
 
 
-def _call(spec: PoolSpec, direction: str, run: Any, outs: list, *args: Any) -> list:
-    target = onednn._target(_name(spec, direction), partial(run, primitives(spec)))
-    return jax.ffi.ffi_call(target, outs, vmap_method="sequential")(*args)
-
-
 def _y_type(spec: PoolSpec) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((spec.n, *spec.out, spec.c), jnp.float32)
 
@@ -215,20 +185,14 @@ def _y_type(spec: PoolSpec) -> jax.ShapeDtypeStruct:
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _pool(spec: PoolSpec, x: Any) -> Any:
     p = primitives(spec)
-    outs = [_y_type(spec), onednn._bytes(p.forward.scratchpad_bytes)]
-    return _call(spec, "fwd", _run_forward, outs, x)[0]
+    return call(_name(spec, "fwd"), run_forward, p, forward_types(p, _y_type(spec)), x)[0]
 
 
 def _pool_fwd(spec, x):
     if not spec.is_max:  # an average's backward needs nothing from its forward
         return _pool(spec, x), None
     p = primitives(spec)
-    outs = [
-        _y_type(spec),
-        onednn._bytes(onednn._md_size(p.workspace_md)),
-        onednn._bytes(p.training.scratchpad_bytes),
-    ]
-    y, ws, _ = _call(spec, "train", _run_training, outs, x)
+    y, ws, _ = call(_name(spec, "train"), run_training, p, training_types(p, _y_type(spec)), x)
     return y, (y, ws)
 
 
@@ -242,7 +206,7 @@ def _pool_bwd(spec, res, dy):
         jax.ShapeDtypeStruct((spec.n, spec.h, spec.w, spec.c), jnp.float32),
         onednn._bytes(p.backward.scratchpad_bytes),
     ]
-    return (_call(spec, "bwd", _run_backward, outs, *args)[0],)
+    return (call(_name(spec, "bwd"), _run_backward, p, outs, *args)[0],)
 
 
 _pool.defvjp(_pool_fwd, _pool_bwd)
