@@ -626,8 +626,13 @@ def _ip(a: InnerProductAttrs, params, bottoms, ctx):
 # ---------------------------------------------------------------- LRN (across channels)
 
 
-def _is_across_channels(a: LRNAttrs, bottom_shapes: list[Shape]) -> bool:
-    return not a.within_channel and len(bottom_shapes[0]) == 4
+def _lrn_applies(a: LRNAttrs, bottom_shapes: list[Shape]) -> bool:
+    """ACROSS_CHANNELS on any 4-D input; WITHIN_CHANNEL where oneDNN runs it (the table's
+    lowering, a window sum on Caffe's layout, is the only other)."""
+    s = tuple(bottom_shapes[0])
+    if len(s) != 4:
+        return False
+    return not a.within_channel or _onednn_lrn_spec(a, (s[0], s[2], s[3], s[1])) is not None
 
 
 def _channel_window_sum(v: Any, size: int) -> Any:
@@ -696,7 +701,10 @@ _lrn.defvjp(_lrn_fwd, _lrn_bwd)
 
 
 def _onednn_lrn_spec(a: LRNAttrs, nhwc_shape: Sequence[int], dtype: Any = np.float32):
-    return onednn_lrn.usable(tuple(nhwc_shape), a.local_size, a.alpha, a.beta, a.k, dtype)
+    k = 1.0 if a.within_channel else a.k  # Caffe's WITHIN_CHANNEL adds 1, whatever k is
+    return onednn_lrn.usable(
+        tuple(nhwc_shape), a.local_size, a.alpha, a.beta, k, dtype, a.within_channel
+    )
 
 
 def _lrn_nhwc(a: LRNAttrs, params, bottoms, ctx):
@@ -704,6 +712,8 @@ def _lrn_nhwc(a: LRNAttrs, params, bottoms, ctx):
     spec = None if onednn.per_device(x) else _onednn_lrn_spec(a, x.shape, x.dtype)
     if spec is not None:
         return [onednn_lrn.lrn(spec, x)]
+    if a.within_channel:  # inside a data-parallel step: the table's, on Caffe's layout
+        return _via_nchw("LRN")(a, params, bottoms, ctx)
     return [_lrn(x, a)]
 
 
@@ -901,8 +911,8 @@ FAST_LOWERINGS: dict[str, FastLowering] = {
     ),
     "LRN": FastLowering(
         _lrn_nhwc,
-        _is_across_channels,
-        "ACROSS_CHANNELS LRN: oneDNN's kernels; else channel window sums as shifted slices",
+        _lrn_applies,
+        "LRN on oneDNN's kernels; else ACROSS_CHANNELS as shifted slices summed",
     ),
     "Pooling": FastLowering(
         _pool_nhwc,

@@ -1,4 +1,4 @@
-"""Caffe's ACROSS_CHANNELS LRN on oneDNN's kernels inside the compiled function.
+"""Caffe's LRN on oneDNN's kernels inside the compiled function.
 
 The same plumbing as MAX pooling (nincc.onednn_workspace: XLA FFI custom calls on XLA's own
 buffers, channels-last, CPU backend only, ``NINCC_ONEDNN=0`` turns it off). oneDNN's across-channels
@@ -12,6 +12,11 @@ less than half the time (NIN-ZFNet norm1 b16: 13 against 30 ms, docs/performance
 30). The workspace lives from the forward to the backward: that is the memory this costs.
 oneDNN 3.2's vector kernels take beta 0.75 (Caffe's default, every zoo net's) and 1; for other
 betas it has only a reference kernel, far slower than XLA's loop, which is then kept.
+
+WITHIN_CHANNEL is oneDNN's within-channel LRN: Caffe builds it from an AVE pooling of x^2
+over a size x size window (padded by (size-1)/2, so every divisor is size^2) and a Power
+layer, ``x * (1 + alpha/size^2 * window sum)^-beta``; that is oneDNN's formula with k = 1
+(Caffe ignores k there).
 """
 
 from __future__ import annotations
@@ -38,12 +43,13 @@ from .onednn_workspace import (
     training_types,
 )
 
-_LRN_ACROSS_CHANNELS = 0xAFF
+_LRN_ACROSS_CHANNELS, _LRN_WITHIN_CHANNEL = 0xAFF, 0xBFF
 
 
 @dataclass(frozen=True)
 class LRNSpec:
-    """One LRN: NHWC input (n, h, w, c) and Caffe's constants (odd ``size``)."""
+    """One LRN: NHWC input (n, h, w, c), Caffe's constants (odd ``size``), and the region:
+    across channels, or (``within``) a size x size window of each channel."""
 
     n: int
     h: int
@@ -53,6 +59,11 @@ class LRNSpec:
     alpha: float
     beta: float
     k: float
+    within: bool = False
+
+    @property
+    def algorithm(self) -> int:
+        return _LRN_WITHIN_CHANNEL if self.within else _LRN_ACROSS_CHANNELS
 
     def md(self) -> _vp:
         """oneDNN's descriptor of the input (and of the output and both gradients)."""
@@ -80,7 +91,7 @@ class LRNPrimitives(WorkspacePrimitives):
         pd = _vp()
         onednn._check(
             onednn._lib().dnnl_lrn_forward_primitive_desc_create(
-                C.byref(pd), onednn._engine(), prop, _LRN_ACROSS_CHANNELS, self.src, self.dst,
+                C.byref(pd), onednn._engine(), prop, self.spec.algorithm, self.src, self.dst,
                 *self.spec.constants(), onednn._user_attr(),
             ),
             "LRN forward",
@@ -92,7 +103,7 @@ class LRNPrimitives(WorkspacePrimitives):
         md = self.src
         onednn._check(
             onednn._lib().dnnl_lrn_backward_primitive_desc_create(
-                C.byref(pd), onednn._engine(), _LRN_ACROSS_CHANNELS, md, md, md,
+                C.byref(pd), onednn._engine(), self.spec.algorithm, md, md, md,
                 *self.spec.constants(), hint, onednn._user_attr(),
             ),
             "LRN backward",
@@ -124,7 +135,8 @@ def _name(spec: LRNSpec, direction: str) -> str:
         repr(v).replace(".", "p").replace("-", "m") for v in (spec.alpha, spec.beta, spec.k)
     )
     fields = "_".join(map(str, (spec.n, spec.h, spec.w, spec.c, spec.size)))
-    return f"nincc_onednn_lrn_{direction}_{fields}_{consts}"
+    kind = "lrnwithin" if spec.within else "lrn"
+    return f"nincc_onednn_{kind}_{direction}_{fields}_{consts}"
 
 
 def _x_type(spec: LRNSpec) -> jax.ShapeDtypeStruct:
@@ -155,18 +167,19 @@ _lrn.defvjp(_lrn_fwd, _lrn_bwd)
 
 def usable(
     x_shape: tuple[int, ...], size: int, alpha: float, beta: float, k: float,
-    dtype: Any = np.float32,
+    dtype: Any = np.float32, within: bool = False,
 ) -> LRNSpec | None:
-    """The LRNSpec to run this across-channels LRN of NHWC ``x_shape`` on oneDNN with, or
-    None to keep XLA's lowering: oneDNN off or missing (nincc.onednn.enabled), not float32,
-    an empty input, an even window, or a geometry for which oneDNN has only its reference
-    kernels (slower than XLA's loop) or will not create the primitives."""
+    """The LRNSpec to run this LRN of NHWC ``x_shape`` (across channels, or ``within`` each)
+    on oneDNN with, or None to keep XLA's lowering: oneDNN off or missing
+    (nincc.onednn.enabled), not float32, an empty input, an even window, or a geometry for
+    which oneDNN has only its reference kernels (slower than XLA's loop) or will not create
+    the primitives."""
     if np.dtype(dtype) != np.float32 or not all(d > 0 for d in x_shape) or size % 2 != 1:
         return None
     if not onednn.enabled():
         return None
     n, h, w, c = (int(d) for d in x_shape)
-    spec = LRNSpec(n, h, w, c, int(size), float(alpha), float(beta), float(k))
+    spec = LRNSpec(n, h, w, c, int(size), float(alpha), float(beta), float(k), within)
     try:
         prims = primitives(spec).all()  # created now, so that no call fails to create one
     except onednn.OneDNNError:
@@ -177,6 +190,5 @@ def usable(
 
 
 def lrn(spec: LRNSpec, x: Any) -> Any:
-    """Caffe's across-channels LRN of NHWC ``x`` (float32) as ``spec`` describes,
-    differentiable."""
+    """Caffe's LRN of NHWC ``x`` (float32) as ``spec`` describes, differentiable."""
     return _lrn(spec, x)

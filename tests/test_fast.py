@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from nincc import caffe_pb2, fast
+from nincc import caffe_pb2, fast, onednn
 from nincc.layers import REGISTRY
 from nincc.layers.base import LowerCtx
 
@@ -282,9 +282,19 @@ def test_lrn_across_channels_matches_table(c, h, w, size, alpha, beta, k):
     compare("LRN", attrs, [], [randn(rng, (2, c, h, w), 2.0)])
 
 
-def test_lrn_within_channel_is_left_to_the_table():
-    attrs = layer_attrs("LRN", "lrn_param { local_size: 3 norm_region: WITHIN_CHANNEL }")
+def test_lrn_within_channel_runs_on_onednn_or_is_left_to_the_table(monkeypatch):
+    """WITHIN_CHANNEL takes the fast lowering where oneDNN runs it (k ignored, as Caffe does),
+    and matches the table's; elsewhere the table's lowering runs."""
+    attrs = layer_attrs(
+        "LRN", "lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 k: 7 norm_region: WITHIN_CHANNEL }"
+    )
+    if onednn.available():
+        assert fast.forward_note("LRN", attrs, [(2, 32, 8, 7)]) == "oneDNN"
+        compare("LRN", attrs, [], [randn(np.random.default_rng(1), (2, 32, 8, 7), 2.0)])
+    # oneDNN's vector kernel wants channels in 16s: 4 would be its reference kernel
     assert fast.lowering_for("LRN", attrs, [(1, 4, 6, 6)]) is None
+    monkeypatch.setenv(onednn.OPT_OUT, "0")
+    assert fast.lowering_for("LRN", attrs, [(2, 32, 8, 7)]) is None
 
 
 # ---------------------------------------------------------------- choosing
@@ -587,17 +597,17 @@ def _zoo_and_corpus_layers():
 
 @pytest.mark.parametrize("layer,shapes", _zoo_and_corpus_layers())
 def test_fast_lowering_matches_table_on_zoo_and_corpus_shapes(layer, shapes, monkeypatch):
-    """Convolutions and MAX pooling both on XLA's kernels and, where installed, oneDNN's;
-    InnerProduct's fast lowering is oneDNN's alone."""
+    """Convolutions, pooling and ACROSS_CHANNELS LRN both on XLA's kernels and, where
+    installed, oneDNN's; InnerProduct's and WITHIN_CHANNEL LRN's fast lowerings are oneDNN's
+    alone."""
     from nincc import onednn
 
     rng = np.random.default_rng(len(layer.name))
     params = [randn(rng, p.shape, 0.1) for p in layer.params]
     bottoms = [randn(rng, s) for s in shapes]
-    both = layer.type in ("Convolution", "Pooling")
-    kernels = (["0"] if layer.type != "InnerProduct" else []) + (
-        ["1"] if (both or layer.type == "InnerProduct") and onednn.available() else []
-    )
+    only = layer.type == "InnerProduct" or (layer.type == "LRN" and layer.attrs.within_channel)
+    both = layer.type in ("Convolution", "Pooling", "LRN") and not only
+    kernels = ([] if only else ["0"]) + (["1"] if (both or only) and onednn.available() else [])
     for switch in kernels:
         monkeypatch.setenv(onednn.OPT_OUT, switch)
         compare(layer.type, layer.attrs, params, bottoms)

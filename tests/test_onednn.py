@@ -496,6 +496,49 @@ def test_lrn_equals_caffes_formula(c, size, alpha, beta, k):
     np.testing.assert_allclose(np.asarray(dx), ref, rtol=1e-5, atol=1e-5)
 
 
+def naive_lrn_within(x, size, alpha, beta, ct=None):
+    """Caffe's WITHIN_CHANNEL LRN in float64 (NHWC x): y = x * s^-beta with s = 1 + alpha /
+    size^2 * (sum of x^2 over the size x size window centred on x, zero outside); or with
+    ``ct`` its exact input gradient, window offset by window offset."""
+    x = np.asarray(x, np.float64)
+    pad = (size - 1) // 2
+    h, w = x.shape[1:3]
+    offsets = [(i, j) for i in range(-pad, pad + 1) for j in range(-pad, pad + 1)]
+
+    def shifted(v, i, j):  # out[a, b] = v[a + i, b + j], zero outside
+        vp = np.pad(v, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        return vp[:, pad + i : pad + i + h, pad + j : pad + j + w, :]
+
+    s = 1 + alpha / size**2 * sum(shifted(x * x, i, j) for i, j in offsets)
+    if ct is None:
+        return x * s**-beta
+    common = ct * x * -beta * s ** (-beta - 1) * alpha / size**2
+    # x[p] is in the window of every q = p - offset: its share is common[q] * 2 x[p]
+    return ct * s**-beta + 2 * x * sum(shifted(common, -i, -j) for i, j in offsets)
+
+
+# (channels, local_size, alpha): Caffe's CIFAR-10 full net (32 channels, 3x3), a larger
+# window and alpha, more channels
+LRN_WITHIN_CASES = [(32, 3, 0.5), (16, 5, 2.0), (48, 3, 1.0)]
+
+
+@pytest.mark.parametrize("c,size,alpha", LRN_WITHIN_CASES)
+def test_lrn_within_channel_equals_caffes_formula(c, size, alpha):
+    from nincc import onednn_lrn
+
+    rng = np.random.default_rng(c + size)
+    x = (rng.standard_normal((2, 7, 6, c)) * 2).astype(np.float32)
+    spec = onednn_lrn.usable(x.shape, size, alpha, 0.75, 1.0, within=True)
+    assert spec is not None
+    y = jax.jit(lambda a: onednn_lrn.lrn(spec, a))(x)
+    ref = naive_lrn_within(x, size, alpha, 0.75)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-6)
+    ct = rng.standard_normal(x.shape).astype(np.float32)
+    dx = jax.jit(jax.grad(lambda a: jnp.sum(onednn_lrn.lrn(spec, a) * ct)))(x)
+    ref = naive_lrn_within(x, size, alpha, 0.75, ct)
+    np.testing.assert_allclose(np.asarray(dx), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_lrn_runs_on_onednn_where_it_has_a_vector_kernel(monkeypatch):
     from nincc import onednn_lrn
 
