@@ -409,7 +409,9 @@ def max_pool_after_relu(lower: Lower, slope: float) -> Lower:
     (nincc.compile.relu_fusions' "pooling")."""
 
     def lowered(attrs, params, bottoms, ctx):
-        pool = partial(lambda x: lower(attrs, params, [x], ctx)[0])
+        def pool(x):
+            return lower(attrs, params, [x], ctx)[0]
+
         return [_through_relu(pool, slope, bottoms[0])]
 
     return lowered
@@ -623,7 +625,7 @@ def _ip(a: InnerProductAttrs, params, bottoms, ctx):
     return [y.reshape(tuple(x.shape[:axis]) + (a.num_output,))]
 
 
-# ---------------------------------------------------------------- LRN (across channels)
+# ---------------------------------------------------------------- LRN
 
 
 def _lrn_applies(a: LRNAttrs, bottom_shapes: list[Shape]) -> bool:
