@@ -36,6 +36,7 @@ from .onednn_workspace import (
     ARG_WORKSPACE,
     WorkspacePrimitives,
     call,
+    descriptor,
     execute,
     forward_types,
     run_forward,
@@ -88,27 +89,18 @@ class LRNPrimitives(WorkspacePrimitives):
         super().__init__(md, md)
 
     def forward_pd(self, prop: int) -> _vp:
-        pd = _vp()
-        onednn._check(
-            onednn._lib().dnnl_lrn_forward_primitive_desc_create(
-                C.byref(pd), onednn._engine(), prop, self.spec.algorithm, self.src, self.dst,
-                *self.spec.constants(), onednn._user_attr(),
-            ),
-            "LRN forward",
+        return descriptor(
+            onednn._lib().dnnl_lrn_forward_primitive_desc_create, "LRN forward",
+            prop, self.spec.algorithm, self.src, self.dst, *self.spec.constants(),
+            onednn._user_attr(),
         )
-        return pd
 
     def backward_pd(self, hint: _vp) -> _vp:
-        pd = _vp()
         md = self.src
-        onednn._check(
-            onednn._lib().dnnl_lrn_backward_primitive_desc_create(
-                C.byref(pd), onednn._engine(), self.spec.algorithm, md, md, md,
-                *self.spec.constants(), hint, onednn._user_attr(),
-            ),
-            "LRN backward",
+        return descriptor(
+            onednn._lib().dnnl_lrn_backward_primitive_desc_create, "LRN backward",
+            self.spec.algorithm, md, md, md, *self.spec.constants(), hint, onednn._user_attr(),
         )
-        return pd
 
     def all(self) -> tuple[onednn._Primitive, ...]:
         return (self.forward, self.training, self.backward)

@@ -26,7 +26,6 @@ geometries (padding and an overhang past it, where the divisors mix) keep XLA's 
 
 from __future__ import annotations
 
-import ctypes as C
 from dataclasses import dataclass
 from functools import cache, partial
 from typing import Any
@@ -42,6 +41,7 @@ from .onednn_workspace import (
     ARG_WORKSPACE,
     WorkspacePrimitives,
     call,
+    descriptor,
     execute,
     forward_types,
     run_forward,
@@ -133,26 +133,18 @@ class PoolPrimitives(WorkspacePrimitives):
         super().__init__(*spec.descs())
 
     def forward_pd(self, prop: int) -> _vp:
-        pd = _vp()
-        onednn._check(
-            onednn._lib().dnnl_pooling_forward_primitive_desc_create(
-                C.byref(pd), onednn._engine(), prop, self.spec.algorithm, self.src, self.dst,
-                *self.spec.geometry(), onednn._user_attr(),
-            ),
-            "pooling forward",
+        return descriptor(
+            onednn._lib().dnnl_pooling_forward_primitive_desc_create, "pooling forward",
+            prop, self.spec.algorithm, self.src, self.dst, *self.spec.geometry(),
+            onednn._user_attr(),
         )
-        return pd
 
     def backward_pd(self, hint: _vp) -> _vp:
-        pd = _vp()
-        onednn._check(
-            onednn._lib().dnnl_pooling_backward_primitive_desc_create(
-                C.byref(pd), onednn._engine(), self.spec.algorithm, self.src, self.dst,
-                *self.spec.geometry(), hint, onednn._user_attr(),
-            ),
-            "pooling backward",
+        return descriptor(
+            onednn._lib().dnnl_pooling_backward_primitive_desc_create, "pooling backward",
+            self.spec.algorithm, self.src, self.dst, *self.spec.geometry(), hint,
+            onednn._user_attr(),
         )
-        return pd
 
 
 @cache

@@ -6,6 +6,7 @@ last output)."""
 
 from __future__ import annotations
 
+import ctypes as C
 from functools import cached_property, partial
 from typing import Any
 
@@ -48,6 +49,14 @@ class WorkspacePrimitives:
     @cached_property
     def backward(self) -> onednn._Primitive:
         return onednn._Primitive(self.backward_pd(self.training.pd), None, None)
+
+
+def descriptor(create: Any, what: str, *args: Any) -> _vp:
+    """A primitive descriptor from oneDNN's C function ``create`` (its arguments after the
+    descriptor's pointer and the engine); ``what`` names it in the error if that fails."""
+    pd = _vp()
+    onednn._check(create(C.byref(pd), onednn._engine(), *args), what)
+    return pd
 
 
 def execute(prim: onednn._Primitive, args: dict[int, tuple[Any, int]], scratchpad: int) -> None:
