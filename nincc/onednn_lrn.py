@@ -35,6 +35,7 @@ from .onednn import _TAG_NHWC, _vp
 from .onednn_workspace import (
     ARG_WORKSPACE,
     WorkspacePrimitives,
+    backward_types,
     call,
     descriptor,
     execute,
@@ -102,9 +103,6 @@ class LRNPrimitives(WorkspacePrimitives):
             self.spec.algorithm, md, md, md, *self.spec.constants(), hint, onednn._user_attr(),
         )
 
-    def all(self) -> tuple[onednn._Primitive, ...]:
-        return (self.forward, self.training, self.backward)
-
 
 @cache
 def primitives(spec: LRNSpec) -> LRNPrimitives:
@@ -150,7 +148,7 @@ def _lrn_fwd(spec, x):
 def _lrn_bwd(spec, res, dy):
     x, ws = res
     p = primitives(spec)
-    outs = [_x_type(spec), onednn._bytes(p.backward.scratchpad_bytes)]
+    outs = backward_types(p, _x_type(spec))
     return (call(_name(spec, "bwd"), _run_backward, p, outs, x, dy, ws)[0],)
 
 

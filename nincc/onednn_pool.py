@@ -40,6 +40,7 @@ from .onednn import _DIMS, _TAG_NHWC, _vp
 from .onednn_workspace import (
     ARG_WORKSPACE,
     WorkspacePrimitives,
+    backward_types,
     call,
     descriptor,
     execute,
@@ -194,10 +195,7 @@ def _pool_bwd(spec, res, dy):
         y, ws = res
         args = [jnp.where(y > -_FLT_MAX, dy, jnp.zeros((), dy.dtype)), ws]  # no winner: no dx
     p = primitives(spec)
-    outs = [
-        jax.ShapeDtypeStruct((spec.n, spec.h, spec.w, spec.c), jnp.float32),
-        onednn._bytes(p.backward.scratchpad_bytes),
-    ]
+    outs = backward_types(p, jax.ShapeDtypeStruct((spec.n, spec.h, spec.w, spec.c), jnp.float32))
     return (call(_name(spec, "bwd"), _run_backward, p, outs, *args)[0],)
 
 
@@ -217,7 +215,7 @@ def usable(x_shape: tuple[int, ...], g: PoolGeom, dtype: Any = np.float32) -> Po
         return None
     try:
         p = primitives(spec)
-        _ = (p.forward, p.backward)  # created now, so that no call fails to create one
+        p.all()  # created now, so that no call fails to create one
     except onednn.OneDNNError:
         return None
     return spec

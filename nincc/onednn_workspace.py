@@ -50,6 +50,10 @@ class WorkspacePrimitives:
     def backward(self) -> onednn._Primitive:
         return onednn._Primitive(self.backward_pd(self.training.pd), None, None)
 
+    def all(self) -> tuple[onednn._Primitive, ...]:
+        """The three, created now if they were not yet (so that no call has to)."""
+        return (self.forward, self.training, self.backward)
+
 
 def descriptor(create: Any, what: str, *args: Any) -> _vp:
     """A primitive descriptor from oneDNN's C function ``create`` (its arguments after the
@@ -101,3 +105,8 @@ def training_types(p: WorkspacePrimitives, y: jax.ShapeDtypeStruct) -> list:
         onednn._bytes(onednn._md_size(p.workspace_md)),
         onednn._bytes(p.training.scratchpad_bytes),
     ]
+
+
+def backward_types(p: WorkspacePrimitives, dx: jax.ShapeDtypeStruct) -> list:
+    """Result types of a backward call: the input gradient ``dx`` and the scratchpad."""
+    return [dx, onednn._bytes(p.backward.scratchpad_bytes)]
