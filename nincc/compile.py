@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
+from . import act_layout, blocked
 from . import layers as table
 from .errors import InputError, NinccError
 from .fast import (
@@ -22,8 +23,6 @@ from .fast import (
     conv_relu_nhwc,
     lowering_for,
     max_pool_after_relu,
-    to_nchw,
-    to_nhwc,
     uses_onednn,
 )
 from .ir import Graph
@@ -246,36 +245,50 @@ def run_graph(
     channels-last, and a blob stays channels-last from the layer that writes it to the layers
     that read it so; every value returned is in Caffe's layout.
     """
-    env: dict[str, Any] = {}  # value id -> array in Caffe's layout, or channels-last if in `nhwc`
-    nhwc: set[str] = set()
-    other: dict[str, Any] = {}  # the other layout's copy of a value, made once
+    env: dict[str, Any] = {}  # value id -> array, held in layouts[value id]
+    layouts: dict[str, str] = {}  # value id -> its layout (nincc.act_layout)
+    other: dict[tuple[str, str], Any] = {}  # (value id, layout) -> a copy, made once
 
-    def read(vid: str, channels_last: bool) -> Any:
-        if (vid in nhwc) == channels_last:
+    def read(vid: str, layout: str) -> Any:
+        have = layouts[vid]
+        if have == layout:
             return env[vid]
-        if vid not in other:
-            other[vid] = to_nchw(env[vid]) if vid in nhwc else to_nhwc(env[vid])
-        return other[vid]
+        if (vid, layout) not in other:
+            other[vid, layout] = act_layout.convert(env[vid], have, layout)
+        return other[vid, layout]
 
     new_state: Params = {}
     fusions = relu_fusions(graph, fast, taps or ())
-    fused: dict[str, list[Any]] = {}  # ReLU layer name -> its tops, computed with the conv
+    fused: dict[str, tuple[list[Any], str]] = {}  # ReLU name -> its tops (with the conv), layout
     pooled = pooled_relus(fusions, graph)  # MAX pooling name -> slope of the ReLU before it
+    placements = (
+        blocked.plan(
+            graph,
+            lambda layer, shapes: _fast_lowering(layer, shapes, fast) is not None,
+            {conv: (f.relu, f.slope) for conv, f in fusions.items()},
+        )
+        if fast
+        else {}
+    )
     for index, layer in enumerate(graph.layers):
         entry = table.REGISTRY[layer.type]
         key = None if rng is None else jax.random.fold_in(rng, index)
         ctx = layer_ctx(graph, layer, key, feeds)
         # A fast lowering runs channels-last (nincc.fast): its bottoms are read, and its tops
-        # kept, in that layout; a table lowering gets Caffe's layout.
-        lower = channels_last_lowering(layer, ctx, fast)
-        channels_last = lower is not None
-        if lower is None:
-            lower = choose_lowering(layer, ctx.bottom_shapes, fast)[0]
+        # kept, in that layout; a table lowering gets Caffe's layout; a layer nincc.blocked
+        # places reads and writes the layouts it says.
+        place = placements.get(layer.name)
+        if place is not None:
+            lower = blocked.lowering(layer, place)
+            src, dst = place
+        else:
+            lower = channels_last_lowering(layer, ctx, fast)
+            src = dst = act_layout.NCHW if lower is None else act_layout.NHWC
+            if lower is None:
+                lower = choose_lowering(layer, ctx.bottom_shapes, fast)[0]
         bottoms = [
             x if keep else jax.lax.stop_gradient(x)
-            for x, keep in zip(
-                (read(b, channels_last) for b in layer.bottoms), layer.propagate_down
-            )
+            for x, keep in zip((read(b, src) for b in layer.bottoms), layer.propagate_down)
         ]
         with jax.named_scope(layer.name):
             lp = layer_params(params, layer, graph)
@@ -288,14 +301,18 @@ def run_graph(
                 return lower(layer.attrs, lp, bottoms, ctx)
 
             if layer.name in fused:
-                tops = fused.pop(layer.name)
+                tops, dst = fused.pop(layer.name)
             elif layer.name in pooled:
                 tops = apply(max_pool_after_relu(lower, pooled[layer.name]))
             else:
                 tops = apply(lower)
             if layer.name in fusions:
-                fusion = fusions[layer.name]
-                fused[fusion.relu] = apply(conv_relu_nhwc(fusion.slope, fusion.residual))
+                f = fusions[layer.name]
+                if place is not None:
+                    with_relu = blocked.lowering(layer, place, f.slope, f.residual)
+                else:
+                    with_relu = conv_relu_nhwc(f.slope, f.residual)
+                fused[f.relu] = (apply(with_relu), dst)
         if len(tops) != len(layer.tops):
             raise NinccError(
                 f"layer '{layer.name}' ({layer.type}) produced {len(tops)} tops, "
@@ -305,17 +322,15 @@ def run_graph(
             tops = [jax.lax.stop_gradient(t) for t in tops]
         for vid, top in zip(layer.tops, tops):
             if taps is not None and vid in taps:
-                top = top + (to_nhwc(taps[vid]) if channels_last else taps[vid])
+                top = top + act_layout.convert(taps[vid], act_layout.NCHW, dst)
             env[vid] = top
-            other.pop(vid, None)
-            if channels_last:
-                nhwc.add(vid)
-            else:
-                nhwc.discard(vid)
+            layouts[vid] = dst
+            for copy in [k for k in other if k[0] == vid]:
+                del other[copy]
         if ctx.state is not None:
             new_state[layer.name] = list(ctx.state)
     # Every value leaves in Caffe's layout; XLA drops the transposes nobody reads.
-    return {vid: read(vid, False) for vid in env}, new_state
+    return {vid: read(vid, act_layout.NCHW) for vid in env}, new_state
 
 
 def total_loss(graph: Graph, env: Mapping[str, Any]) -> Any:

@@ -905,6 +905,10 @@ def _via_nchw(type_name: str) -> Lower:
     return lower
 
 
+# The channels-last lowerings nincc.blocked falls back on.
+conv_nhwc, pool_nhwc, onednn_conv_relu = _conv_nhwc, _pool_nhwc, _onednn_conv_relu
+
+
 FAST_LOWERINGS: dict[str, FastLowering] = {
     "Convolution": FastLowering(
         _conv_nhwc,

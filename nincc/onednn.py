@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import act_layout
 from .switches import switched_off
 
 OPT_OUT = "NINCC_ONEDNN"
@@ -43,6 +44,9 @@ _F32 = 3
 _CPU_ENGINE = 1
 _STREAM_IN_ORDER = 1
 _TAG_ANY, _TAG_X, _TAG_NHWC, _TAG_OIHW, _TAG_GOIHW = 1, 2, 22, 5, 6
+_TAG_NCHW, _TAG_NCHW16C = 5, 78  # abcd, aBcd16b
+LAYOUT_TAGS = {act_layout.NHWC: _TAG_NHWC, act_layout.NCHW: _TAG_NCHW,
+               act_layout.BLOCKED: _TAG_NCHW16C}
 _FORWARD_TRAINING, _FORWARD_INFERENCE = 64, 96
 _CONVOLUTION_DIRECT = 1
 _ELTWISE_RELU = 0x20
@@ -229,8 +233,10 @@ def _user_attr(relu: float | None = None) -> _vp:
 
 @dataclass(frozen=True)
 class ConvSpec:
-    """One convolution's geometry: NHWC input (n, h, w, c), Caffe weights (o, c/g, kh, kw),
-    NHWC output (n, oh, ow, o); padding low and high per axis, Caffe dilation."""
+    """One convolution's geometry: input (n, h, w, c), Caffe weights (o, c/g, kh, kw),
+    output (n, oh, ow, o); padding low and high per axis, Caffe dilation. The input and the
+    output are held as ``src`` and ``dst`` say (nincc.act_layout: NHWC unless the step
+    holds them otherwise, nincc.blocked)."""
 
     n: int
     h: int
@@ -245,6 +251,13 @@ class ConvSpec:
     group: int
     bias: bool
     relu: float | None = None  # forward only: a ReLU of this negative slope fused after
+    src: str = act_layout.NHWC
+    dst: str = act_layout.NHWC
+
+    @property
+    def y_nchw(self) -> tuple[int, int, int, int]:
+        """The output's Caffe shape."""
+        return (self.n, self.o, *self.out_hw)
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -271,8 +284,8 @@ class ConvSpec:
         else:
             wdims, wtag = (g, self.o // g, self.c // g, kh, kw), _TAG_GOIHW
         return {
-            "src": _md((self.n, self.c, self.h, self.w), _TAG_NHWC),
-            "dst": _md((self.n, self.o, oh, ow), _TAG_NHWC),
+            "src": _md((self.n, self.c, self.h, self.w), LAYOUT_TAGS[self.src]),
+            "dst": _md((self.n, self.o, oh, ow), LAYOUT_TAGS[self.dst]),
             "w_user": _md(wdims, wtag),
             "w_any": _md(wdims, _TAG_ANY),
             "bias": _md((self.o,), _TAG_X) if self.bias else None,
@@ -597,6 +610,8 @@ def _name(spec: ConvSpec, direction: str) -> str:
     fields += [*spec.pad_low, *spec.pad_high, *spec.dilation, spec.group, int(spec.bias)]
     if spec.relu is not None:
         fields.append(relu_tag(spec.relu))
+    if (spec.src, spec.dst) != (act_layout.NHWC, act_layout.NHWC):
+        fields += [spec.src, spec.dst]
     return f"nincc_onednn_{direction}_" + "_".join(map(str, fields))
 
 
@@ -614,8 +629,7 @@ def _scratch(prim: _Primitive) -> list[jax.ShapeDtypeStruct]:
 def forward(spec: ConvSpec, x: Any, w: Any, b: Any | None) -> Any:
     """y = conv(x, w) (+ b) (then the fused ReLU, if ``spec.relu``), one custom call."""
     p = primitives(spec)
-    oh, ow = spec.out_hw
-    y = jax.ShapeDtypeStruct((spec.n, oh, ow, spec.o), jnp.float32)
+    y = jax.ShapeDtypeStruct(act_layout.array_shape(spec.y_nchw, spec.dst), jnp.float32)
     name = _target(_name(spec, "fwd"), partial(_run_forward, p))
     args = (x, w) if b is None else (x, w, b)
     return jax.ffi.ffi_call(name, [y, *_scratch(p.forward)], vmap_method="sequential")(*args)[0]
@@ -625,13 +639,8 @@ def backward(spec: ConvSpec, x: Any, w: Any, dy: Any) -> tuple[Any, Any, Any | N
     """(dx, dw, db) of the convolution (not its fused ReLU) for dy: two custom calls."""
     spec = replace(spec, relu=None)
     p = primitives(spec)
-    bd, bw = p.backward_data, p.backward_weights
-    dx_type = jax.ShapeDtypeStruct(x.shape, jnp.float32)
-    dx = jax.ffi.ffi_call(
-        _target(_name(spec, "bwd_data"), partial(_run_backward_data, p)),
-        [dx_type, *_scratch(bd)],
-        vmap_method="sequential",
-    )(dy, w)[0]
+    dx = _backward_data(spec, x.shape, w, dy)
+    bw = p.backward_weights
     outs = [jax.ShapeDtypeStruct(w.shape, jnp.float32)]
     if spec.bias:
         outs.append(jax.ShapeDtypeStruct((spec.o,), jnp.float32))
@@ -642,6 +651,30 @@ def backward(spec: ConvSpec, x: Any, w: Any, dy: Any) -> tuple[Any, Any, Any | N
         vmap_method="sequential",
     )(x, dy)
     return dx, res[0], (res[1] if spec.bias else None)
+
+
+def _backward_data(spec: ConvSpec, x_shape: tuple[int, ...], w: Any, dy: Any) -> Any:
+    """dx for dy, one custom call. Where oneDNN has only its reference kernel for the
+    spec's layouts (a 3-channel stem reading NCHW, whose input gradient is seldom wanted),
+    the call runs channels-last between two transposes instead."""
+    p = primitives(spec)
+    if p.backward_data.impl.startswith("ref") and (spec.src, spec.dst) != (
+        act_layout.NHWC,
+        act_layout.NHWC,
+    ):
+        plain = replace(spec, src=act_layout.NHWC, dst=act_layout.NHWC)
+        dx = _backward_data(
+            plain,
+            act_layout.array_shape((spec.n, spec.c, spec.h, spec.w), act_layout.NHWC),
+            w,
+            act_layout.convert(dy, spec.dst, act_layout.NHWC),
+        )
+        return act_layout.convert(dx, act_layout.NHWC, spec.src)
+    return jax.ffi.ffi_call(
+        _target(_name(spec, "bwd_data"), partial(_run_backward_data, p)),
+        [jax.ShapeDtypeStruct(x_shape, jnp.float32), *_scratch(p.backward_data)],
+        vmap_method="sequential",
+    )(dy, w)[0]
 
 
 def bias_arg(spec: ConvSpec, b: Any | None) -> Any:
@@ -670,6 +703,33 @@ def _conv_bwd(spec, res, dy):
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+@cache
+def blocked_layout_ok() -> bool:
+    """Whether the library's nChw16c tag is the layout nincc.act_layout computes (checked
+    once by reordering a small array), so that a blocked array XLA holds means to oneDNN
+    what it means to nincc."""
+    dims = (1, 32, 2, 3)
+    x = np.arange(np.prod(dims), dtype=np.float32).reshape(dims)
+    block = act_layout.BLOCK  # NumPy, not act_layout.convert: this may run while tracing
+    want = x.reshape(1, 32 // block, block, 2, 3).transpose(0, 1, 3, 4, 2).copy()
+    try:
+        src, dst = _md(dims, _TAG_NCHW), _md(dims, _TAG_NCHW16C)
+        if _md_size(dst) != x.nbytes:
+            return False
+        out = np.zeros_like(want)
+        _execute(_reorder(src, dst), {_ARG_FROM: (src, x.ctypes.data),
+                                      _ARG_TO: (dst, out.ctypes.data)})
+    except OneDNNError:
+        return False
+    return bool(np.array_equal(out, want))
+
+
+def conv_of(spec: ConvSpec, x: Any, w: Any, b: Any | None) -> Any:
+    """The convolution ``spec`` describes (its layouts included; no fused ReLU) of ``x``
+    with Caffe-layout ``w`` plus ``b`` if given, differentiable in x, w and b."""
+    return _conv(spec, x, w, bias_arg(spec, b))
 
 
 def supports(x_dtype: Any, w_dtype: Any) -> bool:

@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import onednn
+from . import act_layout, onednn
 from .layers.vision import PoolGeom
-from .onednn import _DIMS, _TAG_NHWC, _vp
+from .onednn import _DIMS, _vp
 from .onednn_workspace import (
     ARG_WORKSPACE,
     WorkspacePrimitives,
@@ -65,7 +65,8 @@ _FLT_MAX = float(np.finfo(np.float32).max)
 class PoolSpec:
     """One pooling's geometry: NHWC input (n, h, w, c), window, stride, padding low and high
     (high as oneDNN needs it to end on Caffe's last window), NHWC output (n, *out, c), and
-    oneDNN's algorithm (max, or the average with the divisor that is Caffe's)."""
+    oneDNN's algorithm (max, or the average with the divisor that is Caffe's). Input and
+    output are held in ``layout`` (nincc.act_layout)."""
 
     n: int
     h: int
@@ -77,15 +78,17 @@ class PoolSpec:
     pad_high: tuple[int, int]
     out: tuple[int, int]
     algorithm: int = _POOLING_MAX
+    layout: str = act_layout.NHWC
 
     @property
     def is_max(self) -> bool:
         return self.algorithm == _POOLING_MAX
 
     def descs(self) -> tuple[_vp, _vp]:
-        """oneDNN memory descriptors of the input and the output (logical NCHW, stored NHWC)."""
-        src = onednn._md((self.n, self.c, self.h, self.w), _TAG_NHWC)
-        dst = onednn._md((self.n, self.c, *self.out), _TAG_NHWC)
+        """oneDNN memory descriptors of the input and the output (logical NCHW)."""
+        tag = onednn.LAYOUT_TAGS[self.layout]
+        src = onednn._md((self.n, self.c, self.h, self.w), tag)
+        dst = onednn._md((self.n, self.c, *self.out), tag)
         return src, dst
 
     def geometry(self) -> tuple[_DIMS, ...]:
@@ -99,11 +102,14 @@ class PoolSpec:
         )
 
 
-def spec_of(x_shape: tuple[int, ...], g: PoolGeom) -> PoolSpec | None:
-    """The PoolSpec of NHWC ``x_shape`` under Caffe's MAX or AVE pooling ``g``, or None where
-    oneDNN's output-size rule cannot give Caffe's size (a floor-mode last window that stops
-    short) or, for AVE, none of its divisors is Caffe's (see the module's docstring)."""
-    n, h, w, c = (int(d) for d in x_shape)
+def spec_of(
+    x_shape: tuple[int, ...], g: PoolGeom, layout: str = act_layout.NHWC
+) -> PoolSpec | None:
+    """The PoolSpec of ``x_shape`` (held in ``layout``) under Caffe's MAX or AVE pooling
+    ``g``, or None where oneDNN's output-size rule cannot give Caffe's size (a floor-mode
+    last window that stops short) or, for AVE, none of its divisors is Caffe's (see the
+    module's docstring)."""
+    n, c, h, w = (int(d) for d in act_layout.caffe_shape(tuple(x_shape), layout))
     highs = []
     for i, o, p, k, s in zip((h, w), g.out, g.pad, g.kernel, g.stride, strict=True):
         hi = max(0, (o - 1) * s + k - i - p)
@@ -121,7 +127,7 @@ def spec_of(x_shape: tuple[int, ...], g: PoolGeom) -> PoolSpec | None:
     else:
         return None
     return PoolSpec(
-        n, h, w, c, g.kernel, g.stride, g.pad, (highs[0], highs[1]), g.out, algorithm
+        n, h, w, c, g.kernel, g.stride, g.pad, (highs[0], highs[1]), g.out, algorithm, layout
     )
 
 
@@ -167,12 +173,15 @@ def _run_backward(p: PoolPrimitives, ins: list[int], outs: list[int]) -> None:
 def _name(spec: PoolSpec, direction: str) -> str:
     fields = [spec.n, spec.h, spec.w, spec.c, *spec.kernel, *spec.stride, *spec.pad_low,
               *spec.pad_high]
+    if spec.layout != act_layout.NHWC:
+        fields.append(spec.layout)
     kind = _ALGORITHMS[spec.algorithm]
     return f"nincc_onednn_{kind}pool_{direction}_" + "_".join(map(str, fields))
 
 
 def _y_type(spec: PoolSpec) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct((spec.n, *spec.out, spec.c), jnp.float32)
+    shape = act_layout.array_shape((spec.n, spec.c, *spec.out), spec.layout)
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -195,14 +204,20 @@ def _pool_bwd(spec, res, dy):
         y, ws = res
         args = [jnp.where(y > -_FLT_MAX, dy, jnp.zeros((), dy.dtype)), ws]  # no winner: no dx
     p = primitives(spec)
-    outs = backward_types(p, jax.ShapeDtypeStruct((spec.n, spec.h, spec.w, spec.c), jnp.float32))
+    x_shape = act_layout.array_shape((spec.n, spec.c, spec.h, spec.w), spec.layout)
+    outs = backward_types(p, jax.ShapeDtypeStruct(x_shape, jnp.float32))
     return (call(_name(spec, "bwd"), _run_backward, p, outs, *args)[0],)
 
 
 _pool.defvjp(_pool_fwd, _pool_bwd)
 
 
-def usable(x_shape: tuple[int, ...], g: PoolGeom, dtype: Any = np.float32) -> PoolSpec | None:
+def usable(
+    x_shape: tuple[int, ...],
+    g: PoolGeom,
+    dtype: Any = np.float32,
+    layout: str = act_layout.NHWC,
+) -> PoolSpec | None:
     """The PoolSpec to run this pooling on oneDNN with, or None to keep XLA's lowering:
     oneDNN off or missing (nincc.onednn.enabled), not float32, an empty input, a method or
     geometry oneDNN cannot express as Caffe computes it, or primitives it will not create."""
@@ -210,7 +225,7 @@ def usable(x_shape: tuple[int, ...], g: PoolGeom, dtype: Any = np.float32) -> Po
         return None
     if not onednn.enabled():
         return None
-    spec = spec_of(tuple(x_shape), g)
+    spec = spec_of(tuple(x_shape), g, layout)
     if spec is None:
         return None
     try:
@@ -218,10 +233,14 @@ def usable(x_shape: tuple[int, ...], g: PoolGeom, dtype: Any = np.float32) -> Po
         p.all()  # created now, so that no call fails to create one
     except onednn.OneDNNError:
         return None
+    if layout != act_layout.NHWC and any(
+        prim.impl.startswith("ref") for prim in (p.forward, p.training, p.backward)
+    ):
+        return None  # the blocked layout only where oneDNN has a vector kernel for it
     return spec
 
 
 def pool(spec: PoolSpec, x: Any) -> Any:
-    """Caffe's MAX or AVE pooling of NHWC ``x`` (float32) as ``spec`` describes,
-    differentiable."""
+    """Caffe's MAX or AVE pooling of ``x`` (float32, held in ``spec.layout``) as ``spec``
+    describes, differentiable."""
     return _pool(spec, x)

@@ -39,7 +39,7 @@ layer {{ name: "d" type: "Data" top: "data" top: "label" include {{ phase: TRAIN
   transform_param {{ scale: 0.00390625 }}
   data_param {{ source: "train_lmdb" batch_size: {batch} backend: LMDB }} }}
 layer {{ name: "conv" type: "Convolution" bottom: "data" top: "conv"
-  convolution_param {{ num_output: 4 kernel_size: 3
+  convolution_param {{ num_output: 16 kernel_size: 3
     weight_filler {{ type: "gaussian" std: 0.3 }}
     bias_filler {{ type: "constant" value: 0.1 }} }} }}
 {extra}
@@ -51,7 +51,9 @@ layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: 
 """
 BATCHNORM = 'layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }'
 # fused into the convolution, its backward left to the MAX pooling (nincc.compile's
-# ReluFusion "pooling"), where the convolution runs on XLA inside a data-parallel step too
+# ReluFusion "pooling"), where the convolution runs on XLA inside a data-parallel step too;
+# with it the convolution and the pooling hold their outputs blocked (nincc.blocked), on
+# oneDNN alone and through XLA's channels-last kernels inside the data-parallel step
 LEAKY_RELU = (
     'layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" '
     "relu_param { negative_slope: 0.5 } }"
