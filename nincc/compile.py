@@ -189,6 +189,21 @@ def relu_fusions(
     return out
 
 
+def blocked_placements(
+    graph: Graph, fast: Fast = True, fusions: Mapping[str, ReluFusion] | None = None
+) -> dict[str, blocked.Placement]:
+    """The layers run_graph runs on blobs in oneDNN's blocked layout, and their layouts
+    (nincc.blocked.plan; none without fast lowerings)."""
+    if not fast:
+        return {}
+    fusions = relu_fusions(graph, fast) if fusions is None else fusions
+    return blocked.plan(
+        graph,
+        lambda layer, shapes: _fast_lowering(layer, shapes, fast) is not None,
+        {conv: (f.relu, f.slope) for conv, f in fusions.items()},
+    )
+
+
 def _is_max_pooling(layer) -> bool:
     """A MAX pooling that passes its gradient down: each window's gradient goes to one
     element holding the window's maximum, so a ReLU before it may apply its backward to
@@ -261,15 +276,7 @@ def run_graph(
     fusions = relu_fusions(graph, fast, taps or ())
     fused: dict[str, tuple[list[Any], str]] = {}  # ReLU name -> its tops (with the conv), layout
     pooled = pooled_relus(fusions, graph)  # MAX pooling name -> slope of the ReLU before it
-    placements = (
-        blocked.plan(
-            graph,
-            lambda layer, shapes: _fast_lowering(layer, shapes, fast) is not None,
-            {conv: (f.relu, f.slope) for conv, f in fusions.items()},
-        )
-        if fast
-        else {}
-    )
+    placements = blocked_placements(graph, fast, fusions)
     for index, layer in enumerate(graph.layers):
         entry = table.REGISTRY[layer.type]
         key = None if rng is None else jax.random.fold_in(rng, index)

@@ -1089,7 +1089,9 @@ def time_net(
     fuses across layers in the whole net, so the per-layer sum differs from the whole-net
     time.
     """
+    from . import act_layout, blocked
     from .compile import (
+        blocked_placements,
         channels_last_lowering,
         choose_lowering,
         layer_ctx,
@@ -1118,6 +1120,7 @@ def time_net(
     layers: list[tuple[str, float, float | None, str]] = []
     if per_layer:
         needs_diff = diff_values(graph)
+        placed = blocked_placements(graph, net.fast)
         env, _ = jax.jit(lambda p, f, k: run_graph(graph, p, f, k, fast=net.fast))(
             params, feeds, rng
         )
@@ -1131,7 +1134,11 @@ def time_net(
                 layer, [graph.value(b).shape for b in layer.bottoms], net.fast
             )
             nhwc = channels_last_lowering(layer, layer_ctx(graph, layer, key, feeds), net.fast)
-            if nhwc is not None:  # as in the step: channels-last in and out, no transposes
+            place = placed.get(layer.name)
+            if place is not None:  # as in the step: in and out in the layouts it places
+                lower = blocked.lowering(layer, place)
+                bottoms = [act_layout.convert(b, act_layout.NCHW, place.src) for b in bottoms]
+            elif nhwc is not None:  # as in the step: channels-last in and out, no transposes
                 lower, bottoms = nhwc, [to_nhwc(b) for b in bottoms]
 
             def run(lp, bs, f, k, layer=layer, lower=lower):
@@ -1291,6 +1298,7 @@ def cmd_time(args: argparse.Namespace) -> int:
 
 
 def _report_time(log: logging.Logger, net: Any, params: Any, args: argparse.Namespace) -> None:
+    from .compile import blocked_placements
     from .fast import backward_note, forward_note
     from .malloc import describe
 
@@ -1301,6 +1309,7 @@ def _report_time(log: logging.Logger, net: Any, params: Any, args: argparse.Name
     if t.layers:
         log.info("Median time per layer (each layer jitted alone, with the train step's lowering):")
         layers = {layer.name: layer for layer in net.graph.layers}
+        placed = blocked_placements(net.graph, net.fast)
         for name, f_ms, b_ms, kind in t.layers:
             layer = layers[name]
             shapes = [net.graph.value(b).shape for b in layer.bottoms]
@@ -1308,6 +1317,8 @@ def _report_time(log: logging.Logger, net: Any, params: Any, args: argparse.Name
             if kind == "fast":
                 notes = (forward_note, backward_note)
                 tags = [n(layer.type, layer.attrs, shapes) for n in notes]
+                if name in placed:
+                    tags = [f"{n}, {placed[name].dst}" for n in tags]
                 tags = [f" [fast, {n}]" if n else " [fast]" for n in tags]
             log.info("%10s\tforward: %s ms.%s", name, num(f_ms), tags[0])
             if b_ms is not None:

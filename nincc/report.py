@@ -43,7 +43,12 @@ def lowering(layer, bottom_shapes, phase: str) -> str:
 
 
 def layer_rows(graph: Graph) -> list[LayerRow]:
-    """One row per layer; a shared param blob counts once, with its owner."""
+    """One row per layer; a shared param blob counts once, with its owner. A layer whose
+    output a compiled step holds in oneDNN's blocked layout (nincc.blocked) says so after its
+    lowering."""
+    from .compile import blocked_placements
+
+    placed = blocked_placements(graph)
     rows = []
     for layer in graph.layers:
         entry = table.REGISTRY[layer.type]
@@ -58,7 +63,8 @@ def layer_rows(graph: Graph) -> list[LayerRow]:
                 top_shapes=tuple(tshapes),
                 params=sum(count(p.shape) for p in layer.params if p.share is None),
                 flops=int(entry.flops(layer.attrs, bshapes, tshapes)),
-                lowering=lowering(layer, bshapes, graph.phase),
+                lowering=lowering(layer, bshapes, graph.phase)
+                + (f", {placed[layer.name].dst}" if layer.name in placed else ""),
             )
         )
     return rows

@@ -205,7 +205,8 @@ def test_upgrade_v1_writes_current_format(capsys, tmp_path):
 def test_inspect_names_each_layers_lowering(monkeypatch):
     """The lowering column, on XLA's kernels: the FFT only in a TRAIN net at a batch the rule
     takes, and not with NINCC_FFT=0; the layer table's lowering where no fast one applies.
-    With oneDNN, every convolution and pooling says so, in both phases."""
+    With oneDNN, every convolution and pooling says so, in both phases, and the layers whose
+    outputs the step holds in oneDNN's blocked layout name it."""
     import nincc
     from nincc import onednn, report
 
@@ -231,5 +232,9 @@ def test_inspect_names_each_layers_lowering(monkeypatch):
         monkeypatch.delenv(onednn.OPT_OUT)
         for phase in ("TRAIN", "TEST"):
             rows = lowerings(phase, 64)
-            assert rows["conv2"] == rows["cccp1"] == rows["pool1"] == "fast, oneDNN"
-            assert rows["pool2"] == "fast, oneDNN"  # AVE without padding: oneDNN's divisor
+            assert rows["conv2"] == rows["pool2"] == "fast, oneDNN"  # pool2: AVE, no padding
+            # the stem, its 1x1 chain and pooling hold their outputs blocked (nincc.blocked)
+            for name in ("conv1", "cccp1", "cccp2", "pool1"):
+                assert rows[name] == "fast, oneDNN, nChw16c", name
+        monkeypatch.setenv("NINCC_BLOCKED", "0")
+        assert lowerings("TEST", 64)["cccp1"] == "fast, oneDNN"

@@ -57,6 +57,6 @@ def test_corpus_net_shapes(name):
         assert [list(p.shape) for p in layer.params] == ref["param_shapes"]
     assert sorted(graph.value(v).blob for v in graph.outputs) == sorted(spec["outputs"])
     # `nincc inspect`'s rows, the lowering each layer compiles to included, for every net
-    allowed = {"fast", "table", "fast, FFT", "fast, oneDNN"}
+    allowed = {"fast", "table", "fast, FFT", "fast, oneDNN", "fast, oneDNN, nChw16c"}
     allowed |= {f"fast, FFT, {t}x{t} tiles" for t in range(2, 9)}
     assert {r.lowering for r in report.layer_rows(graph)} <= allowed
