@@ -6,11 +6,12 @@ oneDNN 3.2 runs some layers markedly faster with blocked activations than channe
 them (NCHW) and written blocked (NIN CIFAR-10's conv1: 2x, forward and weight gradient),
 and 1x1 convolutions blocked in and out (NIN CIFAR-10's cccp1 and cccp2: 10-30 %). The k×k
 ones run faster channels-last. :func:`plan` therefore picks chains that start at a stem,
-go through 1x1 convolutions (each with its fused ReLU) and end at poolings, and holds the
-blobs inside a chain blocked: every reader of a blocked convolution output is a convolution
-or pooling of the chain, so a full-size blob is never transposed; a pooling's output, a
-fraction of the size, goes to the rest of the net through one transpose. Everything else
-stays as nincc.fast holds it.
+go through 1x1 convolutions (each with its fused ReLU) and end at poolings or LRNs (which
+oneDNN runs blocked too), and holds the blobs inside a chain blocked. Every reader of a
+blocked convolution's output is a layer of the chain, so no convolution's output is
+transposed; the blob a chain ends with (a pooling's output, a fraction of the size, in
+the zoo) goes to the rest of the net through one transpose. Everything else stays as
+nincc.fast holds it.
 
 ``NINCC_BLOCKED=0`` turns the plan off (everything channels-last, as before it).
 """
@@ -24,7 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import fast, onednn, onednn_pool
+from . import fast, onednn, onednn_lrn, onednn_pool
 from .act_layout import BLOCK, BLOCKED, NCHW, NHWC, caffe_shape, convert
 from .layers.vision import _conv_out_sizes, _geometry, _pool_geom_of
 from .switches import switched_off
@@ -141,10 +142,11 @@ def _conv_kind(
     return kind if _vector_kernels(spec, directions) else None
 
 
-def _pool_ok(layer: Any, shape: Sequence[int], has_fast: Callable[[Any, list], bool]) -> bool:
-    """Whether ``layer`` is a pooling oneDNN runs blocked in and out with vector kernels."""
+def _passes_ok(layer: Any, shape: Sequence[int], has_fast: Callable[[Any, list], bool]) -> bool:
+    """Whether ``layer`` is a pooling or LRN that oneDNN runs blocked in and out with vector
+    kernels (a layer a chain may end at or run through)."""
     if (
-        layer.type != "Pooling"
+        layer.type not in ("Pooling", "LRN")
         or len(layer.bottoms) != 1
         or len(layer.tops) != 1
         or len(shape) != 4
@@ -153,8 +155,10 @@ def _pool_ok(layer: Any, shape: Sequence[int], has_fast: Callable[[Any, list], b
     ):
         return False
     n, c, h, w = shape
-    g = _pool_geom_of(layer.attrs, tuple(shape))
     held = (n, c // BLOCK, h, w, BLOCK)
+    if layer.type == "LRN":
+        return fast.onednn_lrn_spec(layer.attrs, held, np.float32, BLOCKED) is not None
+    g = _pool_geom_of(layer.attrs, tuple(shape))
     return onednn_pool.usable(held, g, np.float32, BLOCKED) is not None
 
 
@@ -194,7 +198,7 @@ def plan(
         if not layer.bottoms:
             continue
         shape = graph.value(layer.bottoms[0]).shape
-        if layer.type == "Pooling" and _pool_ok(layer, shape, has_fast):
+        if layer.type in ("Pooling", "LRN") and _passes_ok(layer, shape, has_fast):
             pools.add(layer.name)
         elif layer.type == "Convolution":
             relu = relus[layer.name][1] if layer.name in relus else None
@@ -270,10 +274,23 @@ def pool_lowering(attrs, params, bottoms, ctx):
     return [onednn_pool.pool(spec, x)]
 
 
+def lrn_lowering(attrs, params, bottoms, ctx):
+    """The LRN lowering on blocked blobs (oneDNN's kernels; inside a data-parallel step
+    nincc.fast's channels-last lowering between transposes)."""
+    x = bottoms[0]
+    spec = None if onednn.per_device(x) else fast.onednn_lrn_spec(attrs, x.shape, x.dtype, BLOCKED)
+    if spec is None:
+        y = fast.lrn_nhwc(attrs, params, [convert(x, BLOCKED, NHWC)], ctx)[0]
+        return [convert(y, NHWC, BLOCKED)]
+    return [onednn_lrn.lrn(spec, x)]
+
+
 def lowering(layer: Any, place: Placement, relu: float | None = None, residual: str = "mask"):
     """The lowering run_graph runs a placed layer with: :func:`pool_lowering` for a
-    pooling, :func:`conv_lowering` for a convolution (with its fused ReLU's ``relu`` and
-    ``residual``, if any)."""
+    pooling, :func:`lrn_lowering` for an LRN, :func:`conv_lowering` for a convolution (with
+    its fused ReLU's ``relu`` and ``residual``, if any)."""
     if layer.type == "Pooling":
         return pool_lowering
+    if layer.type == "LRN":
+        return lrn_lowering
     return conv_lowering(place, relu, residual)

@@ -634,7 +634,7 @@ def _lrn_applies(a: LRNAttrs, bottom_shapes: list[Shape]) -> bool:
     s = tuple(bottom_shapes[0])
     if len(s) != 4:
         return False
-    return not a.within_channel or _onednn_lrn_spec(a, (s[0], s[2], s[3], s[1])) is not None
+    return not a.within_channel or onednn_lrn_spec(a, (s[0], s[2], s[3], s[1])) is not None
 
 
 def _channel_window_sum(v: Any, size: int) -> Any:
@@ -702,16 +702,20 @@ def _lrn_bwd(a, x, dy):
 _lrn.defvjp(_lrn_fwd, _lrn_bwd)
 
 
-def _onednn_lrn_spec(a: LRNAttrs, nhwc_shape: Sequence[int], dtype: Any = np.float32):
+def onednn_lrn_spec(
+    a: LRNAttrs, shape: Sequence[int], dtype: Any = np.float32, layout: str = "nhwc"
+):
+    """The oneDNN spec of this LRN on an input of ``shape`` held in ``layout``, or None
+    where its lowering runs on XLA (nincc.onednn_lrn.usable)."""
     k = 1.0 if a.within_channel else a.k  # Caffe's WITHIN_CHANNEL adds 1, whatever k is
     return onednn_lrn.usable(
-        tuple(nhwc_shape), a.local_size, a.alpha, a.beta, k, dtype, a.within_channel
+        tuple(shape), a.local_size, a.alpha, a.beta, k, dtype, a.within_channel, layout
     )
 
 
 def _lrn_nhwc(a: LRNAttrs, params, bottoms, ctx):
     x = bottoms[0]
-    spec = None if onednn.per_device(x) else _onednn_lrn_spec(a, x.shape, x.dtype)
+    spec = None if onednn.per_device(x) else onednn_lrn_spec(a, x.shape, x.dtype)
     if spec is not None:
         return [onednn_lrn.lrn(spec, x)]
     if a.within_channel:  # inside a data-parallel step: the table's, on Caffe's layout
@@ -906,7 +910,8 @@ def _via_nchw(type_name: str) -> Lower:
 
 
 # The channels-last lowerings nincc.blocked falls back on.
-conv_nhwc, pool_nhwc, onednn_conv_relu = _conv_nhwc, _pool_nhwc, _onednn_conv_relu
+conv_nhwc, pool_nhwc, lrn_nhwc = _conv_nhwc, _pool_nhwc, _lrn_nhwc
+onednn_conv_relu = _onednn_conv_relu
 
 
 FAST_LOWERINGS: dict[str, FastLowering] = {
@@ -958,7 +963,7 @@ def forward_note(type_name: str, attrs: Any, bottom_shapes: Sequence[Sequence[in
         runs = onednn_pool.usable((s[0], s[2], s[3], s[1]), _pool_geom_of(attrs, s)) is not None
     elif type_name == "LRN":
         s = tuple(bottom_shapes[0])
-        runs = _onednn_lrn_spec(attrs, (s[0], s[2], s[3], s[1])) is not None
+        runs = onednn_lrn_spec(attrs, (s[0], s[2], s[3], s[1])) is not None
     else:
         runs = False
     return "oneDNN" if runs else ""

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import onednn
-from .onednn import _TAG_NHWC, _vp
+from . import act_layout, onednn
+from .onednn import _vp
 from .onednn_workspace import (
     ARG_WORKSPACE,
     WorkspacePrimitives,
@@ -50,8 +50,9 @@ _LRN_ACROSS_CHANNELS, _LRN_WITHIN_CHANNEL = 0xAFF, 0xBFF
 
 @dataclass(frozen=True)
 class LRNSpec:
-    """One LRN: NHWC input (n, h, w, c), Caffe's constants (odd ``size``), and the region:
-    across channels, or (``within``) a size x size window of each channel."""
+    """One LRN: input (n, h, w, c) held in ``layout`` (nincc.act_layout), Caffe's constants
+    (odd ``size``), and the region: across channels, or (``within``) a size x size window of
+    each channel."""
 
     n: int
     h: int
@@ -62,6 +63,7 @@ class LRNSpec:
     beta: float
     k: float
     within: bool = False
+    layout: str = act_layout.NHWC
 
     @property
     def algorithm(self) -> int:
@@ -69,7 +71,7 @@ class LRNSpec:
 
     def md(self) -> _vp:
         """oneDNN's descriptor of the input (and of the output and both gradients)."""
-        return onednn._md((self.n, self.c, self.h, self.w), _TAG_NHWC)
+        return onednn._md((self.n, self.c, self.h, self.w), onednn.LAYOUT_TAGS[self.layout])
 
     def constants(self) -> tuple[Any, ...]:
         return (
@@ -126,11 +128,14 @@ def _name(spec: LRNSpec, direction: str) -> str:
     )
     fields = "_".join(map(str, (spec.n, spec.h, spec.w, spec.c, spec.size)))
     kind = "lrnwithin" if spec.within else "lrn"
+    if spec.layout != act_layout.NHWC:
+        fields += "_" + spec.layout
     return f"nincc_onednn_{kind}_{direction}_{fields}_{consts}"
 
 
 def _x_type(spec: LRNSpec) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct((spec.n, spec.h, spec.w, spec.c), jnp.float32)
+    shape = act_layout.array_shape((spec.n, spec.c, spec.h, spec.w), spec.layout)
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -157,9 +162,10 @@ _lrn.defvjp(_lrn_fwd, _lrn_bwd)
 
 def usable(
     x_shape: tuple[int, ...], size: int, alpha: float, beta: float, k: float,
-    dtype: Any = np.float32, within: bool = False,
+    dtype: Any = np.float32, within: bool = False, layout: str = act_layout.NHWC,
 ) -> LRNSpec | None:
-    """The LRNSpec to run this LRN of NHWC ``x_shape`` (across channels, or ``within`` each)
+    """The LRNSpec to run this LRN of ``x_shape`` (held in ``layout``; across channels, or
+    ``within`` each)
     on oneDNN with, or None to keep XLA's lowering: oneDNN off or missing
     (nincc.onednn.enabled), not float32, an empty input, an even window, or a geometry for
     which oneDNN has only its reference kernels (slower than XLA's loop) or will not create
@@ -168,8 +174,8 @@ def usable(
         return None
     if not onednn.enabled():
         return None
-    n, h, w, c = (int(d) for d in x_shape)
-    spec = LRNSpec(n, h, w, c, int(size), float(alpha), float(beta), float(k), within)
+    n, c, h, w = (int(d) for d in act_layout.caffe_shape(tuple(x_shape), layout))
+    spec = LRNSpec(n, h, w, c, int(size), float(alpha), float(beta), float(k), within, layout)
     try:
         prims = primitives(spec).all()  # created now, so that no call fails to create one
     except onednn.OneDNNError:
@@ -180,5 +186,6 @@ def usable(
 
 
 def lrn(spec: LRNSpec, x: Any) -> Any:
-    """Caffe's LRN of NHWC ``x`` (float32) as ``spec`` describes, differentiable."""
+    """Caffe's LRN of ``x`` (float32, held in ``spec.layout``) as ``spec`` describes,
+    differentiable."""
     return _lrn(spec, x)

@@ -130,6 +130,32 @@ def test_blocked_pooling_matches_the_channels_last_one(method):
     assert_close(g_held, g_plain, 1e-6, "dx")
 
 
+@needs_onednn
+@pytest.mark.parametrize("within", [False, True])
+def test_blocked_lrn_matches_the_channels_last_one(within):
+    region = "WITHIN_CHANNEL" if within else "ACROSS_CHANNELS"
+    attrs = layer_attrs(
+        "LRN", f"lrn_param {{ local_size: 5 alpha: 0.5 beta: 0.75 norm_region: {region} }}"
+    )
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 5, 6, 32)), jnp.float32)
+    from nincc import fast
+
+    def plain(x):
+        return fast.lrn_nhwc(attrs, [], [x], None)[0]
+
+    def held(x):
+        xb = act_layout.convert(x, NHWC, BLOCKED)
+        return act_layout.convert(blocked.lrn_lowering(attrs, [], [xb], None)[0], BLOCKED, NHWC)
+
+    assert fast.onednn_lrn_spec(attrs, (2, 2, 5, 6, 16), np.float32, BLOCKED) is not None
+    ct = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    assert_close(jax.jit(held)(x), jax.jit(plain)(x), 1e-6, "forward")
+    g_held = jax.jit(jax.grad(lambda x: jnp.vdot(held(x), ct)))(x)
+    g_plain = jax.jit(jax.grad(lambda x: jnp.vdot(plain(x), ct)))(x)
+    assert_close(g_held, g_plain, 1e-6, "dx")
+
+
 NET = """
 name: "chain"
 layer {{ name: "data" type: "Input" top: "data"
@@ -151,7 +177,8 @@ layer {{ name: "cccp2" type: "Convolution" bottom: "cccp1" top: "cccp2"
           weight_filler {{ type: "gaussian" std: 0.2 }}
           bias_filler {{ type: "gaussian" std: 0.1 }} }} }}
 layer {{ name: "relu3" type: "ReLU" bottom: "cccp2" top: "cccp2" }}
-layer {{ name: "pool1" type: "Pooling" bottom: "cccp2" top: "pool1"
+{lrn}
+layer {{ name: "pool1" type: "Pooling" bottom: "{pooled}" top: "pool1"
         pooling_param {{ pool: MAX kernel_size: 3 stride: 2 }} }}
 {extra}
 layer {{ name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
@@ -162,6 +189,12 @@ layer {{ name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2"
 layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "pool2" bottom: "label" top: "loss" }}
 """
 
+# An LRN between the chain's last convolution and its pooling: run blocked too.
+LRN = """
+layer { name: "norm1" type: "LRN" bottom: "cccp2" top: "norm1"
+        lrn_param { local_size: 5 alpha: 0.01 beta: 0.75 } }
+"""
+
 # A second reader of cccp1's top that is not a blocked layer: the chain stops before it.
 SIDE = """
 layer { name: "side" type: "Pooling" bottom: "cccp1" top: "side"
@@ -169,11 +202,12 @@ layer { name: "side" type: "Pooling" bottom: "cccp1" top: "side"
 """
 
 
-def _graph(tmp_path, extra=""):
+def _graph(tmp_path, extra="", lrn=False):
     import nincc
 
     path = tmp_path / "chain.prototxt"
-    path.write_text(NET.format(extra=extra))
+    text = NET.format(extra=extra, lrn=LRN if lrn else "", pooled="norm1" if lrn else "cccp2")
+    path.write_text(text)
     return nincc.load_graph(path, phase="TRAIN")
 
 
@@ -196,6 +230,9 @@ def test_plan_places_the_stem_the_1x1_chain_and_its_pooling(tmp_path, monkeypatc
         "cccp2": (BLOCKED, BLOCKED),
         "pool1": (BLOCKED, BLOCKED),
     }
+    with_lrn = _plan(_graph(tmp_path, lrn=True))
+    assert with_lrn["norm1"] == with_lrn["pool1"] == (BLOCKED, BLOCKED)
+    assert with_lrn["cccp2"] == (BLOCKED, BLOCKED)
     monkeypatch.setenv(blocked.OPT_OUT, "0")
     assert _plan(_graph(tmp_path)) == {}
 
@@ -209,15 +246,15 @@ def test_plan_stops_a_chain_whose_output_another_layer_reads(tmp_path, monkeypat
 
 
 @needs_onednn
-@pytest.mark.parametrize("extra", ["", SIDE])
-def test_net_with_blocked_chain_matches_the_table(tmp_path, monkeypatch, extra):
+@pytest.mark.parametrize("extra,lrn", [("", False), ("", True), (SIDE, False)])
+def test_net_with_blocked_chain_matches_the_table(tmp_path, monkeypatch, extra, lrn):
     """Loss, every parameter gradient and the input gradient (the stem's, which oneDNN
     computes channels-last) equal the layer table's."""
     import nincc
     from nincc.compile import run_graph, total_loss
 
     monkeypatch.delenv(blocked.OPT_OUT, raising=False)
-    graph = dataclasses.replace(_graph(tmp_path, extra), phase="TEST")
+    graph = dataclasses.replace(_graph(tmp_path, extra, lrn), phase="TEST")
     params = nincc.compile(graph, jit=False).init(seed=0)
     rng = np.random.default_rng(0)
     feeds = {"data": randn(rng, (2, 3, 14, 14)), "label": jnp.asarray([3.0, 7.0])}
