@@ -65,3 +65,13 @@ def convert(x: Any, src: str, dst: str) -> Any:
             return jnp.transpose(x.reshape(n, c // BLOCK, BLOCK, h, w), (0, 1, 3, 4, 2))
         return jnp.transpose(x.reshape(n, h, w, c // BLOCK, BLOCK), (0, 3, 1, 2, 4))
     return jnp.transpose(x, (0, 3, 1, 2) if src == NHWC else (0, 2, 3, 1))
+
+
+def pad_end(x: Any, layout: str, rows_cols: tuple[int, int]) -> Any:
+    """``x`` (held in ``layout``) with ``rows_cols`` zero rows and columns after its last."""
+    if rows_cols == (0, 0):
+        return x
+    axis = 1 if layout == NHWC else 2
+    widths = [(0, 0)] * x.ndim
+    widths[axis], widths[axis + 1] = (0, rows_cols[0]), (0, rows_cols[1])
+    return jnp.pad(x, widths)

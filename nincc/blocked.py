@@ -52,39 +52,26 @@ def enabled(environ: Mapping[str, str] | None = None) -> bool:
 
 def conv_spec(
     attrs: Any, shape: Sequence[int], relu: float | None, src: str, dst: str
-) -> tuple[onednn.ConvSpec, tuple[int, int]] | None:
+) -> onednn.ConvSpec | None:
     """The oneDNN spec of a 2-D convolution of Caffe-shape ``shape`` read in ``src`` and
-    written in ``dst``, and the rows and columns its input loses at the high end so that
-    exactly Caffe's output count of windows fits (as nincc.fast's lowering crops it); None
-    for a convolution that is not 2-D."""
+    written in ``dst``, or None for one that is not 2-D. Where Caffe's last window stops
+    short of the input's end, the high padding is negative (oneDNN then reads no further,
+    with no cropped copy of the input; nincc.onednn zeroes those rows' input gradient)."""
     shape = tuple(int(d) for d in shape)
     g = _geometry(attrs, shape)
     if len(g.kernel) != 2 or g.axis != 1:
         return None
     out = _conv_out_sizes(g, shape)
-    highs = [
+    highs = tuple(
         (o - 1) * s + e - i - p
         for o, i, p, e, s in zip(out, shape[2:], g.pad, g.extent, g.stride, strict=True)
-    ]
-    crop = (max(-highs[0], 0), max(-highs[1], 0))
+    )
     n, c, h, w = shape
-    spec = onednn.ConvSpec(
-        n, h - crop[0], w - crop[1], c, attrs.num_output, tuple(g.kernel), tuple(g.stride),
-        tuple(g.pad), (max(highs[0], 0), max(highs[1], 0)), tuple(g.dilation), attrs.group,
-        attrs.bias_term, None if relu is None else float(relu), src, dst,
+    return onednn.ConvSpec(
+        n, h, w, c, attrs.num_output, tuple(g.kernel), tuple(g.stride), tuple(g.pad), highs,
+        tuple(g.dilation), attrs.group, attrs.bias_term, None if relu is None else float(relu),
+        src, dst,
     )  # fmt: skip
-    return spec, crop
-
-
-def _cropped(x: Any, layout: str, crop: tuple[int, int]) -> Any:
-    """``x`` (held in ``layout``) without its last ``crop`` rows and columns."""
-    if crop == (0, 0):
-        return x
-    axis = 1 if layout == NHWC else 2
-    index = [slice(None)] * x.ndim
-    index[axis] = slice(0, x.shape[axis] - crop[0])
-    index[axis + 1] = slice(0, x.shape[axis + 1] - crop[1])
-    return x[tuple(index)]
 
 
 def _vector_kernels(spec: onednn.ConvSpec, directions: Sequence[str]) -> bool:
@@ -127,10 +114,9 @@ def _conv_kind(
         kind, src, directions = "chain", BLOCKED, ("forward", "backward_data", "backward_weights")
     else:
         return None
-    made = conv_spec(a, shape, relu, src, BLOCKED)
-    if made is None:
+    spec = conv_spec(a, shape, relu, src, BLOCKED)
+    if spec is None:
         return None
-    spec = made[0]
     if kind == "chain":
         g = _geometry(a, tuple(shape))
         one = g.kernel == (1, 1) and g.stride == (1, 1) and g.pad == (0, 0)
@@ -248,13 +234,11 @@ def conv_lowering(place: Placement, relu: float | None = None, residual: str = "
     def lower(attrs, params, bottoms, ctx):
         x, w = bottoms[0], params[0]
         b = params[1] if attrs.bias_term else None
-        made = conv_spec(attrs, caffe_shape(x.shape, place.src), relu, place.src, place.dst)
-        if made is None or onednn.per_device(x):
+        spec = conv_spec(attrs, caffe_shape(x.shape, place.src), relu, place.src, place.dst)
+        if spec is None or onednn.per_device(x):
             plain = fast.conv_relu_nhwc(relu, residual) if relu is not None else fast.conv_nhwc
             y = plain(attrs, params, [convert(x, place.src, NHWC)], ctx)[0]
             return [convert(y, NHWC, place.dst)]
-        spec, crop = made
-        x = _cropped(x, place.src, crop)
         if relu is None:
             return [onednn.conv_of(spec, x, w, b)]
         return [fast.onednn_conv_relu(spec, residual, x, w, onednn.bias_arg(spec, b))]

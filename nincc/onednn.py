@@ -656,7 +656,17 @@ def backward(spec: ConvSpec, x: Any, w: Any, dy: Any) -> tuple[Any, Any, Any | N
 def _backward_data(spec: ConvSpec, x_shape: tuple[int, ...], w: Any, dy: Any) -> Any:
     """dx for dy, one custom call. Where oneDNN has only its reference kernel for the
     spec's layouts (a 3-channel stem reading NCHW, whose input gradient is seldom wanted),
-    the call runs channels-last between two transposes instead."""
+    the call runs channels-last between two transposes instead. A negative high padding
+    (input rows and columns past Caffe's last window) gets zeros there."""
+    if min(spec.pad_high) < 0:  # rows and columns no window reads: a zero gradient
+        cut = tuple(max(-p, 0) for p in spec.pad_high)
+        inner = replace(
+            spec, h=spec.h - cut[0], w=spec.w - cut[1],
+            pad_high=tuple(max(p, 0) for p in spec.pad_high),
+        )  # fmt: skip
+        inner_shape = act_layout.array_shape((inner.n, inner.c, inner.h, inner.w), spec.src)
+        dx = _backward_data(inner, inner_shape, w, dy)
+        return act_layout.pad_end(dx, spec.src, cut)
     p = primitives(spec)
     if p.backward_data.impl.startswith("ref") and (spec.src, spec.dst) != (
         act_layout.NHWC,

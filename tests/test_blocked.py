@@ -56,7 +56,8 @@ def test_blocked_needs_whole_blocks_of_channels():
 # n, h, w, c, o, kernel, stride, pad, src layout
 CONVS = [
     (2, 9, 9, 3, 16, 3, 1, 1, NCHW),  # a stem
-    (2, 35, 35, 3, 32, 11, 4, 0, NCHW),  # NIN ImageNet's stem, cropped by one row/column
+    (2, 36, 37, 3, 32, 11, 4, 0, NCHW),  # NIN ImageNet's stem; Caffe's last windows stop
+    # one row and two columns short of the input's end (a negative high padding)
     (2, 6, 7, 32, 16, 1, 1, 0, BLOCKED),  # a 1x1 in a chain
     (1, 5, 5, 16, 32, 3, 2, 1, BLOCKED),
 ]
@@ -82,9 +83,10 @@ def test_blocked_convolution_matches_a_naive_loop(n, h, w, c, o, k, s, p, src):
         return relu(attrs, [wt, b], [x_held], None)[0]
 
     x_held = act_layout.convert(jnp.asarray(x), NHWC, src)
-    spec, crop = blocked.conv_spec(attrs, (n, c, h, w), 0.0, src, BLOCKED)
+    spec = blocked.conv_spec(attrs, (n, c, h, w), 0.0, src, BLOCKED)
+    crop = tuple(max(-p, 0) for p in spec.pad_high)
     xc = x[:, : h - crop[0], : w - crop[1], :]
-    padding = tuple(zip(spec.pad_low, spec.pad_high, strict=True))
+    padding = tuple((lo, max(hi, 0)) for lo, hi in zip(spec.pad_low, spec.pad_high, strict=True))
     ref = naive_conv(xc, wt, b, (s, s), padding, (1, 1), 1)
     y = jax.jit(f)(x_held, wt, b)
     assert y.shape == act_layout.array_shape(spec.y_nchw, BLOCKED)
