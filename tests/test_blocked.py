@@ -106,56 +106,48 @@ def test_blocked_convolution_matches_a_naive_loop(n, h, w, c, o, k, s, p, src):
     assert_close(db, want_db, 1e-5, "db")
 
 
-@needs_onednn
-@pytest.mark.parametrize("method", ["MAX", "AVE"])
-def test_blocked_pooling_matches_the_channels_last_one(method):
-    attrs = layer_attrs(
-        "Pooling", f"pooling_param {{ pool: {method} kernel_size: 3 stride: 2 }}"
-    )
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal((2, 7, 7, 32)), jnp.float32)
-    from nincc import fast
+def _held_matches_plain(attrs, plain_lower, held_lower, shape, seed):
+    """A layer on blocked blobs (held_lower) gives the channels-last lowering's output and
+    input gradient, on a random NHWC input of ``shape``."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
 
     def plain(x):
-        return fast.pool_nhwc(attrs, [], [x], None)[0]
+        return plain_lower(attrs, [], [x], None)[0]
 
     def held(x):
         xb = act_layout.convert(x, NHWC, BLOCKED)
-        return act_layout.convert(blocked.pool_lowering(attrs, [], [xb], None)[0], BLOCKED, NHWC)
+        return act_layout.convert(held_lower(attrs, [], [xb], None)[0], BLOCKED, NHWC)
 
     ct = jnp.asarray(rng.standard_normal(plain(x).shape), jnp.float32)
-    geom = fast._pool_geom_of(attrs, (2, 32, 7, 7))
-    assert onednn_pool.usable((2, 2, 7, 7, 16), geom, np.float32, BLOCKED) is not None
     assert_close(jax.jit(held)(x), jax.jit(plain)(x), 1e-6, "forward")
     g_held = jax.jit(jax.grad(lambda x: jnp.vdot(held(x), ct)))(x)
     g_plain = jax.jit(jax.grad(lambda x: jnp.vdot(plain(x), ct)))(x)
     assert_close(g_held, g_plain, 1e-6, "dx")
+
+
+@needs_onednn
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+def test_blocked_pooling_matches_the_channels_last_one(method):
+    from nincc import fast
+
+    attrs = layer_attrs("Pooling", f"pooling_param {{ pool: {method} kernel_size: 3 stride: 2 }}")
+    geom = fast._pool_geom_of(attrs, (2, 32, 7, 7))
+    assert onednn_pool.usable((2, 2, 7, 7, 16), geom, np.float32, BLOCKED) is not None
+    _held_matches_plain(attrs, fast.pool_nhwc, blocked.pool_lowering, (2, 7, 7, 32), 1)
 
 
 @needs_onednn
 @pytest.mark.parametrize("within", [False, True])
 def test_blocked_lrn_matches_the_channels_last_one(within):
+    from nincc import fast
+
     region = "WITHIN_CHANNEL" if within else "ACROSS_CHANNELS"
     attrs = layer_attrs(
         "LRN", f"lrn_param {{ local_size: 5 alpha: 0.5 beta: 0.75 norm_region: {region} }}"
     )
-    rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.standard_normal((2, 5, 6, 32)), jnp.float32)
-    from nincc import fast
-
-    def plain(x):
-        return fast.lrn_nhwc(attrs, [], [x], None)[0]
-
-    def held(x):
-        xb = act_layout.convert(x, NHWC, BLOCKED)
-        return act_layout.convert(blocked.lrn_lowering(attrs, [], [xb], None)[0], BLOCKED, NHWC)
-
     assert fast.onednn_lrn_spec(attrs, (2, 2, 5, 6, 16), np.float32, BLOCKED) is not None
-    ct = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
-    assert_close(jax.jit(held)(x), jax.jit(plain)(x), 1e-6, "forward")
-    g_held = jax.jit(jax.grad(lambda x: jnp.vdot(held(x), ct)))(x)
-    g_plain = jax.jit(jax.grad(lambda x: jnp.vdot(plain(x), ct)))(x)
-    assert_close(g_held, g_plain, 1e-6, "dx")
+    _held_matches_plain(attrs, fast.lrn_nhwc, blocked.lrn_lowering, (2, 5, 6, 32), 2)
 
 
 NET = """
