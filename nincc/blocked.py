@@ -26,8 +26,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import fast, onednn, onednn_lrn, onednn_pool
-from .act_layout import BLOCK, BLOCKED, NCHW, NHWC, caffe_shape, convert
-from .layers.vision import _conv_out_sizes, _geometry, _pool_geom_of
+from .act_layout import BLOCK, BLOCKED, NCHW, NHWC, array_shape, caffe_shape, convert
+from .layers.vision import _geometry, _pool_geom_of
 from .switches import switched_off
 
 OPT_OUT = "NINCC_BLOCKED"
@@ -38,6 +38,9 @@ class Placement(NamedTuple):
 
     src: str
     dst: str
+
+
+_HELD = Placement(BLOCKED, BLOCKED)  # a pooling's or LRN's: blocked in and out
 
 
 def enabled(environ: Mapping[str, str] | None = None) -> bool:
@@ -61,12 +64,8 @@ def conv_spec(
     g = _geometry(attrs, shape)
     if len(g.kernel) != 2 or g.axis != 1:
         return None
-    out = _conv_out_sizes(g, shape)
-    highs = tuple(
-        (o - 1) * s + e - i - p
-        for o, i, p, e, s in zip(out, shape[2:], g.pad, g.extent, g.stride, strict=True)
-    )
     n, c, h, w = shape
+    highs = fast.caffe_high_pads(g, shape)
     return onednn.ConvSpec(
         n, h, w, c, attrs.num_output, tuple(g.kernel), tuple(g.stride), tuple(g.pad), highs,
         tuple(g.dilation), attrs.group, attrs.bias_term, None if relu is None else float(relu),
@@ -140,8 +139,7 @@ def _passes_ok(layer: Any, shape: Sequence[int], has_fast: Callable[[Any, list],
         or not has_fast(layer, [tuple(shape)])
     ):
         return False
-    n, c, h, w = shape
-    held = (n, c // BLOCK, h, w, BLOCK)
+    held = array_shape(tuple(shape), BLOCKED)
     if layer.type == "LRN":
         return fast.onednn_lrn_spec(layer.attrs, held, np.float32, BLOCKED) is not None
     g = _pool_geom_of(layer.attrs, tuple(shape))
@@ -221,8 +219,16 @@ def plan(
         if layer.name in chosen:
             out[layer.name] = Placement(NCHW if kinds[layer.name] == "stem" else BLOCKED, BLOCKED)
         elif layer.name in pools and layer.bottoms[0] in vids:
-            out[layer.name] = Placement(BLOCKED, BLOCKED)
+            out[layer.name] = _HELD
     return out
+
+
+def _channels_last(plain: Any, place: Placement, attrs, params, x, ctx) -> list[Any]:
+    """A placed layer on nincc.fast's channels-last lowering ``plain``, between transposes
+    from and to ``place``'s layouts: where oneDNN does not run it (inside a data-parallel
+    step)."""
+    y = plain(attrs, params, [convert(x, place.src, NHWC)], ctx)[0]
+    return [convert(y, NHWC, place.dst)]
 
 
 def conv_lowering(place: Placement, relu: float | None = None, residual: str = "mask"):
@@ -237,8 +243,7 @@ def conv_lowering(place: Placement, relu: float | None = None, residual: str = "
         spec = conv_spec(attrs, caffe_shape(x.shape, place.src), relu, place.src, place.dst)
         if spec is None or onednn.per_device(x):
             plain = fast.conv_relu_nhwc(relu, residual) if relu is not None else fast.conv_nhwc
-            y = plain(attrs, params, [convert(x, place.src, NHWC)], ctx)[0]
-            return [convert(y, NHWC, place.dst)]
+            return _channels_last(plain, place, attrs, params, x, ctx)
         if relu is None:
             return [onednn.conv_of(spec, x, w, b)]
         return [fast.onednn_conv_relu(spec, residual, x, w, onednn.bias_arg(spec, b))]
@@ -253,8 +258,7 @@ def pool_lowering(attrs, params, bottoms, ctx):
     g = _pool_geom_of(attrs, caffe_shape(x.shape, BLOCKED))
     spec = None if onednn.per_device(x) else onednn_pool.usable(x.shape, g, x.dtype, BLOCKED)
     if spec is None:
-        y = fast.pool_nhwc(attrs, params, [convert(x, BLOCKED, NHWC)], ctx)[0]
-        return [convert(y, NHWC, BLOCKED)]
+        return _channels_last(fast.pool_nhwc, _HELD, attrs, params, x, ctx)
     return [onednn_pool.pool(spec, x)]
 
 
@@ -264,8 +268,7 @@ def lrn_lowering(attrs, params, bottoms, ctx):
     x = bottoms[0]
     spec = None if onednn.per_device(x) else fast.onednn_lrn_spec(attrs, x.shape, x.dtype, BLOCKED)
     if spec is None:
-        y = fast.lrn_nhwc(attrs, params, [convert(x, BLOCKED, NHWC)], ctx)[0]
-        return [convert(y, NHWC, BLOCKED)]
+        return _channels_last(fast.lrn_nhwc, _HELD, attrs, params, x, ctx)
     return [onednn_lrn.lrn(spec, x)]
 
 

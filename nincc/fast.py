@@ -311,15 +311,22 @@ def uses_onednn(
     )
 
 
+def caffe_high_pads(g: Geometry, shape: Sequence[int]) -> tuple[int, ...]:
+    """Per spatial axis of Caffe-shape (NCHW) ``shape``, the padding after the input's end
+    that makes exactly Caffe's output count of windows fit: negative where its last window
+    stops short of the end (im2col reads no further)."""
+    out = _conv_out_sizes(g, tuple(shape))
+    return tuple(
+        (o - 1) * s + e - i - p
+        for o, i, p, e, s in zip(out, shape[2:], g.pad, g.extent, g.stride, strict=True)
+    )
+
+
 def _caffe_windows(g: Geometry, x: Any) -> tuple[Any, tuple[tuple[int, int], ...]]:
     """NHWC ``x`` cropped, and its (low, high) padding per spatial axis, so that exactly
     Caffe's output count of windows fits: low by `pad`, high padded (or cropped) as its
     im2col does (the table's lowering does the same)."""
-    out = _conv_out_sizes(g, nchw_shape(x.shape))
-    highs = [
-        (o - 1) * s + e - i - p
-        for o, i, p, e, s in zip(out, x.shape[1:3], g.pad, g.extent, g.stride, strict=True)
-    ]
+    highs = caffe_high_pads(g, nchw_shape(x.shape))
     x = x[:, : x.shape[1] + min(highs[0], 0), : x.shape[2] + min(highs[1], 0), :]
     return x, tuple((p, max(hi, 0)) for p, hi in zip(g.pad, highs, strict=True))
 

@@ -165,8 +165,7 @@ def usable(
     dtype: Any = np.float32, within: bool = False, layout: str = act_layout.NHWC,
 ) -> LRNSpec | None:
     """The LRNSpec to run this LRN of ``x_shape`` (held in ``layout``; across channels, or
-    ``within`` each)
-    on oneDNN with, or None to keep XLA's lowering: oneDNN off or missing
+    ``within`` each) on oneDNN with, or None to keep XLA's lowering: oneDNN off or missing
     (nincc.onednn.enabled), not float32, an empty input, an even window, or a geometry for
     which oneDNN has only its reference kernels (slower than XLA's loop) or will not create
     the primitives."""

@@ -63,10 +63,10 @@ _FLT_MAX = float(np.finfo(np.float32).max)
 
 @dataclass(frozen=True)
 class PoolSpec:
-    """One pooling's geometry: NHWC input (n, h, w, c), window, stride, padding low and high
-    (high as oneDNN needs it to end on Caffe's last window), NHWC output (n, *out, c), and
-    oneDNN's algorithm (max, or the average with the divisor that is Caffe's). Input and
-    output are held in ``layout`` (nincc.act_layout)."""
+    """One pooling's geometry: input (n, h, w, c), window, stride, padding low and high (high
+    as oneDNN needs it to end on Caffe's last window), output (n, *out, c), and oneDNN's
+    algorithm (max, or the average with the divisor that is Caffe's). Input and output are
+    held in ``layout`` (nincc.act_layout: channels-last unless nincc.blocked says otherwise)."""
 
     n: int
     h: int
