@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from nincc import fftconv
+from nincc import fftconv, onednn
 from nincc.malloc import describe
 
 from .conftest import REPO, load_tool
@@ -117,3 +117,40 @@ def test_goal_column_takes_the_lower_bar():
     col = bench.COLUMNS.index("goal")
     assert table["nincc"][col] == "+6 %" and table["torch-eager"][col] == ""
     assert table["nincc"][bench.COLUMNS.index("vs best torch")] == "1.10x"
+
+
+@pytest.mark.skipif(not onednn.available(), reason="oneDNN is not installed")
+def test_kernel_bench_quick_mode_times_nincc_per_layer():
+    """tools/bench_kernels.py: nincc's convolution per layer (PyTorch beside it where
+    installed), short mode."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench_kernels.py"), "--quick"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if "nin_imagenet conv2" in line]
+    assert [r[3] for r in rows] == ["forward", "forward+backward"]
+    for r in rows:
+        ms, gfs = float(r[4]), float(r[6])
+        assert ms > 0 and gfs > 0, r
+        assert (float(r[5]) > 0) == torch_installed(), r  # PyTorch's column, or nan
+
+
+@pytest.mark.skipif(not onednn.available(), reason="oneDNN is not installed")
+def test_kernel_bench_lists_onednn_default_first():
+    """tools/bench_kernels.py --impls: each direction's implementations, oneDNN's own choice
+    (the one nincc runs) first and timed."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench_kernels.py"), "--quick", "--impls"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tool = load_tool("bench_kernels")
+    name, _, size, c, o, k = tool.SHAPES[0]
+    spec = onednn.spec_of((2, size, size, c), (o, c, k, k), True, (1, 1), ((k // 2,) * 2,) * 2)
+    lines = {line.split(":", 1)[0]: line for line in proc.stdout.splitlines()}
+    for direction in tool.DIRECTIONS:
+        line = lines[f"{name} b2 {direction}"]
+        first = line.split(": ", 1)[1].split("; ")[0]
+        assert first.startswith(onednn.implementation(spec, direction) + " "), line
+        assert "ms (" in first, line
