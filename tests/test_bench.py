@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -154,3 +155,52 @@ def test_kernel_bench_lists_onednn_default_first():
         first = line.split(": ", 1)[1].split("; ")[0]
         assert first.startswith(onednn.implementation(spec, direction) + " "), line
         assert "ms (" in first, line
+
+
+def test_profile_step_charges_each_operation_to_its_kind():
+    """tools/profile_step.py names a custom call by its target and an XLA loop by its
+    instruction name; the runtime's own events are charged to nothing."""
+    tool = load_tool("profile_step")
+    hlo = (
+        '  %ffi_call.7 = (f32[2,8]{1,0}, u8[1]{0}) custom-call(%p0, %p1), '
+        'custom_call_target="nincc_onednn_fwd_2_8_8_3_16_3_3", api_version=API_VERSION_TYPED_FFI\n'
+        '  %ffi_call.9 = f32[4]{0} custom-call(%p2), '
+        'custom_call_target="nincc_onednn_maxpool_bwd_2"\n'
+        '  %ffi_call.11 = f32[4]{0} custom-call(%p2), custom_call_target="something_else"\n'
+        "  %negate_add_fusion.1 = f32[4]{0} fusion(%p3, %p4), kind=kLoop\n"
+    )
+    targets = tool.custom_call_targets(hlo)
+    assert targets == {
+        "ffi_call.7": "nincc_onednn_fwd_2_8_8_3_16_3_3",
+        "ffi_call.9": "nincc_onednn_maxpool_bwd_2",
+        "ffi_call.11": "something_else",
+    }
+    assert tool.kind_of("ffi_call.7", targets) == "oneDNN convolution"
+    assert tool.kind_of("ffi_call.9", targets) == "oneDNN pooling"
+    assert tool.kind_of("ffi_call.11", targets) == "other custom calls"
+    for name in ("negate_add_fusion.1", "copy", "while.58", "shift-left_reduce_fusion"):
+        assert tool.kind_of(name, targets) == "XLA loops", name
+    for name in ("ThunkExecutor::Execute", "$train.py:151 step", "PjitFunction(_step_impl)",
+                 "end: negate_add_fusion"):
+        assert tool.kind_of(name, targets) is None, name
+
+
+def test_profile_step_quick_mode_splits_a_train_step():
+    """tools/profile_step.py --quick: a NIN CIFAR-10 train step at batch 2, traced once."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "profile_step.py"), "nin_cifar10", "--quick"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("nin_cifar10 b2 train: step "), lines[0]
+    kinds = {}
+    for line in lines[1:]:
+        m = re.fullmatch(r"\s+(.+?)\s+([\d.]+) ms\s+([\d.]+) %", line)
+        if m is None:
+            break
+        kinds[m.group(1)] = float(m.group(3))
+    assert "XLA loops" in kinds
+    if onednn.enabled():
+        assert "oneDNN convolution" in kinds
+    assert abs(sum(kinds.values()) - 100.0) < 0.5, kinds
