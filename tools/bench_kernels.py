@@ -24,17 +24,20 @@ import argparse
 import ctypes as C
 import math
 import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import nincc.xla_flags
 
 nincc.xla_flags.apply()
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from bench import interleaved_times  # noqa: E402  (tools/bench.py, beside this script)
 
 from nincc import onednn  # noqa: E402
 
@@ -113,12 +116,7 @@ def compare(shapes: list[tuple], rounds: int) -> None:
                 cands["torch"] = theirs[what]
             for f in cands.values():  # warm-up
                 f()
-            times: dict[str, list[float]] = {key: [] for key in cands}
-            for _ in range(rounds):
-                for key, f in cands.items():
-                    t = time.perf_counter()
-                    f()
-                    times[key].append(time.perf_counter() - t)
+            times = interleaved_times(cands, rounds)
             ms = {key: statistics.median(v) * 1e3 for key, v in times.items()}
             flops = gflop(batch, size, c, o, k) * (1 if what == "forward" else 3)
             tm = ms.get("torch")
@@ -171,8 +169,10 @@ def _candidates(
         prim = p._primitive(own, query, to_user=writes)
         if lib.dnnl_primitive_desc_next_impl(pd) != 0:
             pd = None
+        seen = sum(1 for impl, _ in out if impl.split(" #")[0] == prim.impl)
+        label = prim.impl + (f" #{seen + 1}" if seen else "")  # oneDNN may list a name twice
         if prim.impl.startswith("ref"):
-            out.append((prim.impl, None))
+            out.append((label, None))
             if pd is None:
                 return out
             continue
@@ -193,7 +193,7 @@ def _candidates(
         def call(run=_RUNS[direction], p=p, ins=ins, keep=keep) -> None:
             run(p, [a.ctypes.data for a in ins], [a.ctypes.data for a in keep])
 
-        out.append((prim.impl, call))
+        out.append((label, call))
         if pd is None:
             return out
 
@@ -216,16 +216,11 @@ def implementations(shapes: list[tuple], rounds: int) -> None:
         flops = gflop(batch, size, c, o, k)
         for direction in DIRECTIONS:
             found = _candidates(spec, direction, ins[direction])
-            timed = [(impl, call) for impl, call in found if call is not None]
-            for _, call in timed:  # warm-up
+            timed = {impl: call for impl, call in found if call is not None}
+            for call in timed.values():  # warm-up
                 call()
                 call()
-            times: dict[str, list[float]] = {impl: [] for impl, _ in timed}
-            for _ in range(rounds):
-                for impl, call in timed:
-                    t = time.perf_counter()
-                    call()
-                    times[impl].append(time.perf_counter() - t)
+            times = interleaved_times(timed, rounds)
             cells = []
             for impl, _ in found:
                 if impl not in times:
