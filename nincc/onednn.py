@@ -385,26 +385,37 @@ class ConvPrimitives:
         )
         return pd
 
+    def descriptor(self, direction: str) -> tuple[_vp, int, bool]:
+        """A new descriptor of one direction ("forward", "backward_data" or
+        "backward_weights"; oneDNN's choice of kernel, which ``dnnl_primitive_desc_next_impl``
+        moves on), the query for the weight layout it uses, and whether it writes weights."""
+        d, lib = self.d, _lib()
+        if direction == "forward":
+            pd = self._fwd_pd(_FORWARD_INFERENCE, _user_attr(self.spec.relu))
+            return pd, _QUERY_WEIGHTS_MD, False
+        if direction == "backward_data":
+            create = lib.dnnl_convolution_backward_data_primitive_desc_create
+            descs = (d["src"], d["w_any"], d["dst"])
+            pd = self._backward_pd(create, descs, "convolution backward data")
+            return pd, _QUERY_WEIGHTS_MD, False
+        if direction == "backward_weights":
+            create = lib.dnnl_convolution_backward_weights_primitive_desc_create
+            descs = (d["src"], d["w_any"], d["bias"], d["dst"])
+            pd = self._backward_pd(create, descs, "convolution backward weights")
+            return pd, _QUERY_DIFF_WEIGHTS_MD, True
+        raise ValueError(f"unknown direction {direction!r}")
+
     @cached_property
     def forward(self) -> _Primitive:
-        pd = self._fwd_pd(_FORWARD_INFERENCE, _user_attr(self.spec.relu))
-        return self._primitive(pd, _QUERY_WEIGHTS_MD)
+        return self._primitive(*self.descriptor("forward"))
 
     @cached_property
     def backward_data(self) -> _Primitive:
-        d = self.d
-        create = _lib().dnnl_convolution_backward_data_primitive_desc_create
-        descs = (d["src"], d["w_any"], d["dst"])
-        pd = self._backward_pd(create, descs, "convolution backward data")
-        return self._primitive(pd, _QUERY_WEIGHTS_MD)
+        return self._primitive(*self.descriptor("backward_data"))
 
     @cached_property
     def backward_weights(self) -> _Primitive:
-        d = self.d
-        create = _lib().dnnl_convolution_backward_weights_primitive_desc_create
-        descs = (d["src"], d["w_any"], d["bias"], d["dst"])
-        pd = self._backward_pd(create, descs, "convolution backward weights")
-        return self._primitive(pd, _QUERY_DIFF_WEIGHTS_MD, to_user=True)
+        return self._primitive(*self.descriptor("backward_weights"))
 
 
 def _memory(md: Any, ptr: int) -> _vp:

@@ -27,7 +27,6 @@ import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import nincc.xla_flags
 
@@ -126,22 +125,6 @@ def compare(shapes: list[tuple], rounds: int) -> None:
                   f"{flops / tm * 1e3 if tm else float('nan'):10.0f}", flush=True)
 
 
-def _direction(p: onednn.ConvPrimitives, direction: str) -> tuple[Any, int, bool]:
-    """A fresh primitive descriptor of one direction (to iterate its implementations), the
-    query for its weights' layout, and whether the call writes the weights."""
-    lib, d = onednn._lib(), p.d
-    if direction == "forward":
-        pd = p._fwd_pd(onednn._FORWARD_INFERENCE, onednn._user_attr(None))
-        return pd, onednn._QUERY_WEIGHTS_MD, False
-    if direction == "backward_data":
-        create = lib.dnnl_convolution_backward_data_primitive_desc_create
-        pd = p._backward_pd(create, (d["src"], d["w_any"], d["dst"]), direction)
-        return pd, onednn._QUERY_WEIGHTS_MD, False
-    create = lib.dnnl_convolution_backward_weights_primitive_desc_create
-    pd = p._backward_pd(create, (d["src"], d["w_any"], d["bias"], d["dst"]), direction)
-    return pd, onednn._QUERY_DIFF_WEIGHTS_MD, True
-
-
 def _buffer(nbytes: int) -> np.ndarray:
     return np.zeros(max(nbytes, 4) // 4 + 16, np.float32)
 
@@ -161,7 +144,7 @@ def _candidates(
     implementation: the run functions read layouts from it, and iterating moves the original."""
     out: list[tuple[str, Callable[[], None] | None]] = []
     lib = onednn._lib()
-    pd, query, writes = _direction(onednn.ConvPrimitives(spec), direction)
+    pd, query, writes = onednn.ConvPrimitives(spec).descriptor(direction)
     while True:
         own = onednn._vp()  # a copy fixed at this implementation; pd moves on
         onednn._check(lib.dnnl_primitive_desc_clone(C.byref(own), pd), "descriptor copy")
