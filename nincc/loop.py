@@ -1099,7 +1099,6 @@ def time_net(
         run_graph,
         total_loss,
     )
-    from .fast import to_nhwc
     from .layers import REGISTRY
 
     graph = net.graph
@@ -1134,12 +1133,14 @@ def time_net(
                 layer, [graph.value(b).shape for b in layer.bottoms], net.fast
             )
             nhwc = channels_last_lowering(layer, layer_ctx(graph, layer, key, feeds), net.fast)
+            # As in the step: bottoms in the layout the layer reads, and no transposes timed.
             place = placed.get(layer.name)
-            if place is not None:  # as in the step: in and out in the layouts it places
-                lower = blocked.lowering(layer, place)
-                bottoms = [act_layout.convert(b, act_layout.NCHW, place.src) for b in bottoms]
-            elif nhwc is not None:  # as in the step: channels-last in and out, no transposes
-                lower, bottoms = nhwc, [to_nhwc(b) for b in bottoms]
+            src = act_layout.NCHW
+            if place is not None:  # the layouts nincc.blocked places it in
+                lower, src = blocked.lowering(layer, place), place.src
+            elif nhwc is not None:  # channels-last in and out
+                lower, src = nhwc, act_layout.NHWC
+            bottoms = [act_layout.convert(b, act_layout.NCHW, src) for b in bottoms]
 
             def run(lp, bs, f, k, layer=layer, lower=lower):
                 return lower(layer.attrs, lp, bs, layer_ctx(graph, layer, k, f))
