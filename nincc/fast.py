@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import fftconv, onednn, onednn_lrn, onednn_matmul, onednn_pool
+from . import act_layout, fftconv, onednn, onednn_lrn, onednn_matmul, onednn_pool
 from .layers import base
 from .layers.common import InnerProductAttrs, _ip_axis
 from .layers.normalization import LRNAttrs
@@ -710,7 +710,7 @@ _lrn.defvjp(_lrn_fwd, _lrn_bwd)
 
 
 def onednn_lrn_spec(
-    a: LRNAttrs, shape: Sequence[int], dtype: Any = np.float32, layout: str = "nhwc"
+    a: LRNAttrs, shape: Sequence[int], dtype: Any = np.float32, layout: str = act_layout.NHWC
 ):
     """The oneDNN spec of this LRN on an input of ``shape`` held in ``layout``, or None
     where its lowering runs on XLA (nincc.onednn_lrn.usable)."""
